@@ -1,0 +1,88 @@
+"""hago: hardware-aware post-training quantization compiler.
+
+The public API (a stable contract):
+
+    graph = hago.load("model.onnx")                 # hago.ir.Graph
+    spec = hago.load_spec("hwspecs/x86_avx2.json")  # hago.hwspec.HardwareSpec
+    qg = hago.quantize(graph, spec, calib_data)     # hago.QuantizedGraph
+    art = hago.compile(qg, spec)                    # compiled TVM artifact
+    stats = hago.measure(art, inputs)               # latency statistics
+    result = hago.search(graph, spec, calib_data)   # bits/scales search
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: F401
+    CalibrationError,
+    CompileError,
+    DeviceError,
+    HagoError,
+    ModelError,
+    SearchError,
+    SpecError,
+)
+
+# Heavy modules (onnx, onnxruntime, TVM) load on first use so that `import hago`
+# and the CLI start fast.
+_LAZY = {
+    "load": ("hago.ir", "load"),
+    "Graph": ("hago.ir", "Graph"),
+    "load_spec": ("hago.hwspec", "load_spec"),
+    "HardwareSpec": ("hago.hwspec", "HardwareSpec"),
+    "quantize": ("hago.quantize", "quantize"),
+    "QuantizedGraph": ("hago.quantize", "QuantizedGraph"),
+}
+_SUBMODULES = {"ir", "hwspec", "passes", "calibrate", "algorithms", "search", "backend", "runtime", "cli", "examples"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"hago.{name}")
+    raise AttributeError(f"module 'hago' has no attribute {name!r}")
+
+
+def compile(qgraph, spec_or_target, **kwargs):  # noqa: A001 - public name is a contract
+    """Compile a (quantized or float) graph with TVM for the spec's target.
+
+    See :func:`hago.backend.compile.compile`.
+    """
+    from .backend.compile import compile as _compile
+
+    return _compile(qgraph, spec_or_target, **kwargs)
+
+
+def measure(artifact, inputs=None, **kwargs):
+    """Measure the latency of a compiled artifact (local or over TVM RPC).
+
+    See :func:`hago.backend.measure.measure`.
+    """
+    from .backend.measure import measure as _measure
+
+    return _measure(artifact, inputs, **kwargs)
+
+
+def search(graph, spec, calib_data, eval_data=None, metric=None, **kwargs):
+    """Search per-edge bits, signatures and scales against accuracy and latency.
+
+    See :func:`hago.search.driver.search`.
+    """
+    from .search.driver import search as _search
+
+    return _search(graph, spec, calib_data, eval_data, metric, **kwargs)
+
+
+def load_result(path):
+    """Load a saved search result. See :func:`hago.search.driver.load_result`."""
+    from .search.driver import load_result as _load_result
+
+    return _load_result(path)

@@ -1,0 +1,136 @@
+"""Calibration: choose every annotated edge's range, scale and zero point.
+
+:func:`calibrate` runs the float model on onnxruntime over the calibration
+batches with the annotated activation edges as extra outputs and feeds
+streaming observers (one pass; a second pass fills histograms when a method
+needs one). Weights are calibrated from their constants, per channel where
+annotated. Edges tied to another edge (outputs of MaxPool, Reshape, Relu...)
+reuse its parameters; bias scales are input scale x weight scale.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import numpy as np
+
+from ..errors import CalibrationError
+from ..ir.graph import Graph
+from ..runtime import ort as rt
+from .observers import EdgeObserver, needs_histogram, weight_range
+
+__all__ = ["calibrate", "collect_stats", "finalize_derived", "CalibrationReport"]
+
+
+class CalibrationReport(dict):
+    """What calibration did: batches, samples, seconds, per-method edge counts."""
+
+
+def _materialize(data: Iterable, input_names) -> list[dict]:
+    if data is None:
+        raise CalibrationError("no calibration data given: pass an iterable of {input_name: array} batches")
+    if isinstance(data, dict):
+        data = [data]
+    batches = []
+    for i, b in enumerate(data):
+        feeds = rt.check_batch(b, input_names, i)
+        batches.append(feeds)
+    if not batches:
+        raise CalibrationError("the calibration data is empty")
+    return batches
+
+
+def collect_stats(graph: Graph, data, names, *, bins: int = 2048, histogram: bool = False, threads=None,
+                  progress=None) -> dict[str, EdgeObserver]:
+    """Run the float model over ``data`` and return an observer per edge name."""
+    model = rt.with_outputs(graph.to_onnx(), names)
+    batches = data if isinstance(data, list) else _materialize(data, graph.input_names)
+    obs = {n: EdgeObserver(n, bins) for n in names}
+    names = list(names)
+    sess = rt.session(model, threads=threads, source=graph.source)
+
+    for i, feeds in enumerate(batches):
+        outs = rt.run(sess, feeds, names, i)
+        for n, a in zip(names, outs):
+            obs[n].update(a)
+        if progress:
+            progress(1)
+    if histogram:
+        for o in obs.values():
+            o.start_histogram()
+        for i, feeds in enumerate(batches):
+            outs = rt.run(sess, feeds, names, i)
+            for n, a in zip(names, outs):
+                obs[n].update_histogram(a)
+            if progress:
+                progress(1)
+    return obs
+
+
+def calibrate(graph: Graph, data, *, method: str | None = None, weight_method: str | None = None,
+              bins: int = 2048, threads: int | None = None, progress=None) -> CalibrationReport:
+    """Set range, scale and zero point on every annotated edge of ``graph``.
+
+    ``method`` overrides each activation annotation's own method; ``weight_method``
+    each weight's. ``data`` is an iterable of ``{input_name: ndarray}`` batches.
+    """
+    t0 = time.perf_counter()
+    anns = graph.annotated()
+    acts = [(v, a) for v, a in anns if a.kind == "activation" and not a.fixed and a.tied_to is None]
+    if method:
+        for _, a in acts:
+            a.method = method
+    batches = _materialize(data, graph.input_names)
+    names = [v.name for v, _ in acts]
+    hist = any(needs_histogram(a.method) for _, a in acts)
+    obs = collect_stats(graph, batches, names, bins=bins, histogram=hist, threads=threads, progress=progress) if names else {}
+    for v, a in acts:
+        lo, hi = obs[v.name].range(a.method, a)
+        a.set_range(lo, hi)
+    for v, a in anns:
+        if a.kind == "weight":
+            if weight_method:
+                a.method = weight_method
+            w = Graph.const(v)
+            if w is None:
+                raise CalibrationError(f"weight edge {v.name!r} is not a constant")
+            lo, hi = weight_range(w, a, a.method)
+            a.set_range(lo, hi)
+    finalize_derived(graph)
+    report = CalibrationReport(batches=len(batches), samples=int(sum(next(iter(b.values())).shape[0] for b in batches)),
+                               seconds=time.perf_counter() - t0, edges=len(acts), histogram=hist)
+    graph.history.append(f"calibrate: {len(acts)} activation edges, {len(batches)} batches, {report['seconds']:.2f}s")
+    return report
+
+
+def finalize_derived(graph: Graph) -> None:
+    """Fill parameters that follow from others: tied edges and bias scales."""
+    by_name = {v.name: (v, a) for v, a in graph.annotated()}
+    for v, a in by_name.values():
+        if a.tied_to is None:
+            continue
+        src = a
+        seen = set()
+        while src.tied_to is not None and src.tied_to in by_name and src.tied_to not in seen:
+            seen.add(src.tied_to)
+            src = by_name[src.tied_to][1]
+        if src.scale is None:
+            continue
+        a.rmin, a.rmax, a.scale, a.zero_point = src.rmin, src.rmax, src.scale, src.zero_point
+        a.method = src.method
+    for v, a in by_name.values():
+        if a.kind != "bias":
+            continue
+        for use in v.uses():
+            node = use.node
+            xa = graph.annotation(node.inputs[0]) if node.inputs[0] is not None else None
+            wa = graph.annotation(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+            if xa is None or wa is None or xa.scale is None or wa.scale is None:
+                continue
+            a.scale = (np.asarray(xa.scale, np.float32) * np.asarray(wa.scale, np.float32)).astype(np.float32)
+            a.axis = 0 if np.ndim(a.scale) else None
+            a.zero_point = np.zeros_like(np.asarray(a.scale), dtype=np.int64) if np.ndim(a.scale) else np.int64(0)
+            b = Graph.const(v)
+            if b is not None:
+                a.rmin, a.rmax = float(b.min()), float(b.max())
+            break

@@ -1,0 +1,135 @@
+"""Export an annotated graph as a QDQ ONNX model that onnxruntime (and hago's backend) runs.
+
+Every annotated edge ``x`` gets its quantizer (see docs/DESIGN.md):
+
+* activation: ``x -> [Clip] -> QuantizeLinear -> DequantizeLinear -> consumers``; the Clip
+  narrows the container to fewer bits (e.g. 6-bit values in uint8); a dtype that
+  QuantizeLinear does not take (int32) is simulated with Div/Round/Clip/Mul;
+* weight: the initializer is stored quantized (int8, or int4 with ``int4_storage``)
+  followed by ``DequantizeLinear`` (per-channel scale and axis where annotated);
+* bias: stored as int32 with scale = input scale x weight scale.
+
+Q/DQ nodes carry ``hago.bits`` and ``hago.kind`` in their metadata_props.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import ModelError
+from .annotation import DTYPES, EdgeAnnotation, quantize_array
+from .graph import Graph
+
+_ONNX_DTYPE = {"int8": onnx.TensorProto.INT8, "uint8": onnx.TensorProto.UINT8, "int16": onnx.TensorProto.INT16,
+               "uint16": onnx.TensorProto.UINT16, "int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4,
+               "int32": onnx.TensorProto.INT32}
+_NP_DTYPE = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32}
+_Q_DTYPES = ("int8", "uint8", "int16", "uint16", "int4", "uint4")  # QuantizeLinear outputs (opset 21)
+
+
+def _tensor(name: str, arr: np.ndarray, dtype: str | None = None) -> onnx.TensorProto:
+    if dtype in ("int4", "uint4"):
+        return helper.make_tensor(name, _ONNX_DTYPE[dtype], arr.shape, arr.astype(np.int64).ravel().tolist())
+    return numpy_helper.from_array(arr, name)
+
+
+def _meta(node: onnx.NodeProto, ann: EdgeAnnotation) -> onnx.NodeProto:
+    for k, v in (("hago.bits", str(ann.bits)), ("hago.kind", ann.kind), ("hago.method", ann.method)):
+        p = node.metadata_props.add()
+        p.key, p.value = k, v
+    return node
+
+
+def _scale_zp(ann: EdgeAnnotation, name: str, container: str):
+    if ann.scale is None:
+        raise ModelError(f"edge {name!r} is annotated but not calibrated (run hago.calibrate first)")
+    scale = np.asarray(ann.scale, dtype=np.float32)
+    zp = np.asarray(ann.zero_point if ann.zero_point is not None else 0)
+    if not ann.per_axis:
+        scale, zp = scale.reshape(()), zp.reshape(())
+    return scale, zp.astype(_NP_DTYPE.get(container, np.int8) if container not in ("int4", "uint4") else np.int64)
+
+
+def to_qdq(graph: Graph, *, int4_storage: bool = False) -> onnx.ModelProto:
+    """The annotated graph as a QDQ ONNX ModelProto (the float graph is not modified)."""
+    model = graph.to_onnx()
+    g = model.graph
+    anns = {v.name: a for v, a in graph.annotated()}
+    if not anns:
+        return model
+    inits = {t.name: t for t in g.initializer}
+    new_inits: list[onnx.TensorProto] = []
+    pre_nodes: list[onnx.NodeProto] = []  # weight DQs and graph-input quantizers
+    after: dict[str, list[onnx.NodeProto]] = {}  # producer output name -> quantizer nodes
+    rename: dict[str, str] = {}
+    for name, ann in anns.items():
+        container = ann.dtype
+        if ann.kind in ("weight", "bias"):
+            if name not in inits:
+                raise ModelError(f"{graph.source}: {ann.kind} edge {name!r} is not an initializer")
+            w = numpy_helper.to_array(inits[name]).astype(np.float32)
+            store = container
+            if ann.kind == "weight" and int4_storage and ann.bits <= 4:
+                store = "int4" if ann.signed else "uint4"
+            q = quantize_array(w, ann)
+            scale, zp = _scale_zp(ann, name, store)
+            qname, sname, zname, out = name + "__q", name + "__scale", name + "__zp", name + "__dq"
+            new_inits += [_tensor(qname, q.astype(_NP_DTYPE.get(store, np.int64)) if store in _NP_DTYPE else q, store),
+                          _tensor(sname, scale), _tensor(zname, zp, store)]
+            attrs = {"axis": int(ann.axis)} if ann.per_axis else {}
+            pre_nodes.append(_meta(helper.make_node("DequantizeLinear", [qname, sname, zname], [out], name=name + "__DQ", **attrs), ann))
+            rename[name] = out
+            continue
+        scale, zp = _scale_zp(ann, name, container)
+        sname, zname = name + "__scale", name + "__zp"
+        nodes = []
+        src = name
+        full = ann.bits == DTYPES[ann.dtype][1] and not ann.narrow
+        if container in _Q_DTYPES:
+            if not full:
+                lo = np.float32((ann.qmin - float(zp)) * float(scale))
+                hi = np.float32((ann.qmax - float(zp)) * float(scale))
+                new_inits += [_tensor(name + "__lo", np.array(lo, np.float32)), _tensor(name + "__hi", np.array(hi, np.float32))]
+                nodes.append(helper.make_node("Clip", [src, name + "__lo", name + "__hi"], [name + "__clip"], name=name + "__Clip"))
+                src = name + "__clip"
+            new_inits += [_tensor(sname, scale), _tensor(zname, zp, container)]
+            nodes.append(_meta(helper.make_node("QuantizeLinear", [src, sname, zname], [name + "__q"], name=name + "__Q"), ann))
+            nodes.append(_meta(helper.make_node("DequantizeLinear", [name + "__q", sname, zname], [name + "__dq"], name=name + "__DQ"), ann))
+        else:  # simulated quantizer for containers QuantizeLinear lacks (int32)
+            zpf = np.asarray(zp, np.float32)
+            new_inits += [_tensor(sname, scale), _tensor(zname, zpf),
+                          _tensor(name + "__qmin", np.array(ann.qmin, np.float32)),
+                          _tensor(name + "__qmax", np.array(ann.qmax, np.float32))]
+            nodes += [
+                helper.make_node("Div", [src, sname], [name + "__div"], name=name + "__Div"),
+                helper.make_node("Round", [name + "__div"], [name + "__round"], name=name + "__Round"),
+                helper.make_node("Add", [name + "__round", zname], [name + "__addzp"], name=name + "__AddZp"),
+                _meta(helper.make_node("Clip", [name + "__addzp", name + "__qmin", name + "__qmax"], [name + "__q"], name=name + "__SimQ"), ann),
+                helper.make_node("Sub", [name + "__q", zname], [name + "__subzp"], name=name + "__SubZp"),
+                _meta(helper.make_node("Mul", [name + "__subzp", sname], [name + "__dq"], name=name + "__SimDQ"), ann),
+            ]
+        rename[name] = name + "__dq"
+        after.setdefault(name, []).extend(nodes)
+
+    graph_inputs = {i.name for i in g.input}
+    nodes_out: list[onnx.NodeProto] = list(pre_nodes)
+    for n in graph_inputs:
+        nodes_out.extend(after.pop(n, []))
+    for node in g.node:
+        for i, x in enumerate(node.input):
+            if x in rename:
+                node.input[i] = rename[x]
+        nodes_out.append(node)
+        for o in node.output:
+            nodes_out.extend(after.pop(o, []))
+    for n in list(after):  # quantizers of initializers used as activations
+        nodes_out[:0] = after.pop(n)
+    used = {x for nd in nodes_out for x in nd.input}
+    keep = [t for t in g.initializer if t.name in used or t.name in {o.name for o in g.output}]
+    del g.node[:]
+    g.node.extend(nodes_out)
+    del g.initializer[:]
+    g.initializer.extend(keep + new_inits)
+    model.producer_name = "hago"
+    return model
