@@ -49,6 +49,8 @@ def upgrade_opset(g: Graph, opset: int = 21) -> Graph:
 
 def fix_names(g: Graph) -> Graph:
     """Unique names for all nodes and edges; initializers are no longer listed as graph inputs (IR < 4)."""
+    if g.opset >= 21 and g.model.ir_version < 10:
+        g.model.ir_version = 10  # opset 21 needs IR version 10
     irp.RemoveInitializersFromInputsPass()(g.model)
     irp.NameFixPass()(g.model)
     g.history.append("fix_names")
