@@ -102,6 +102,7 @@ class _QV(_Value):
     qmin: int  # the values the tensor can hold (the Q's range)
     qmax: int
     nodes: frozenset = frozenset()  # integer nodes that produced it (region tracking)
+    int_tensor: bool = False  # True: the ONNX tensor itself is this integer tensor (a Q output); else its float DQ
 
 
 @dataclasses.dataclass(eq=False)
@@ -135,6 +136,11 @@ class _ConcatV(_Value):
 
 
 _INTEGER_LIKE = (_QV, _AccV, _ClampV, _ConcatV)
+# ops whose result on an integer tensor is the same whether the tensor is read as integers or as its DQ
+_INT_TENSOR_OK = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
+     "Identity", "Dropout", "Shape"}
+)
 
 
 def _nodes_of(*values) -> frozenset:
@@ -285,7 +291,7 @@ class _Lowering:
 
     def expr_of(self, v: _Value):
         """A relax expression to feed a float-region op: float for quantized values, the raw tensor otherwise."""
-        if isinstance(v, _IntV):
+        if isinstance(v, _IntV) or (isinstance(v, _QV) and v.int_tensor):
             return v.expr
         if isinstance(v, _FloatV):
             return v.expr
@@ -475,7 +481,7 @@ class _Lowering:
         return mod, self._finish_records()
 
     def output_expr(self, v: _Value):
-        if isinstance(v, _QV):
+        if isinstance(v, _QV) and v.int_tensor:
             return v.expr
         if isinstance(v, _IntV):
             return v.expr
@@ -536,6 +542,10 @@ class _Lowering:
             self.fold_constant(node, ins)
             return
         handler = getattr(self, f"op_{op}", None)
+        if op not in _INT_TENSOR_OK and any(isinstance(v, _QV) and v.int_tensor for v in ins):
+            # an op reading a QuantizeLinear output directly computes on the integers with ONNX semantics
+            self.float_node(node, f"{op} reads an integer tensor directly (ONNX integer semantics)")
+            return
         if handler is not None:
             try:
                 handler(node, ins)
@@ -610,12 +620,12 @@ class _Lowering:
             if isinstance(x, _INTEGER_LIKE):
                 expr = self.requantize(x, scale, zp, dtype, qmin, qmax, where=f"QuantizeLinear {node.name!r}")
                 nodes = _nodes_of(x) | {node.name}
-                self.values[out] = _QV(expr, scale, zp, dtype, qmin, qmax, nodes)
+                self.values[out] = _QV(expr, scale, zp, dtype, qmin, qmax, nodes, int_tensor=True)
                 self.record(node, "integer", f"requantize to {dtype} ({self.opts.requantize})", nodes)
                 return
             xf = self.expr_of(x)
             expr = self._float_quantize(xf, scale, zp, dtype, qmin, qmax)
-            self.values[out] = _QV(expr, scale, zp, dtype, qmin, qmax, frozenset({node.name}))
+            self.values[out] = _QV(expr, scale, zp, dtype, qmin, qmax, frozenset({node.name}), int_tensor=True)
             self.record(node, "border", "quantize a float tensor")
             return
         # per-axis quantization of an activation: quantize in float, keep the integer tensor unlabelled
@@ -714,9 +724,9 @@ class _Lowering:
             raise _Fallback(f"{what} is not constant")
         if bias_v.q is not None:
             q, s, z, _ax = bias_v.q
-            qv = np.broadcast_to(q.astype(np.int64).ravel() if q.size > 1 else q.astype(np.int64).reshape(-1), (n_out,)) if q.size in (1, n_out) else None
-            if qv is None:
+            if q.size not in (1, n_out) or np.asarray(s).size not in (1, n_out) or np.asarray(z).size not in (1, n_out):
                 raise _Fallback(f"{what} has {q.size} values for {n_out} output channels")
+            qv = np.broadcast_to(q.astype(np.int64).ravel(), (n_out,))
             sv = np.broadcast_to(np.ravel(s).astype(np.float64), (n_out,))
             zv = np.broadcast_to(np.ravel(z).astype(np.int64), (n_out,))
             ratio = sv / acc_scale
@@ -979,7 +989,7 @@ class _Lowering:
                             ceil_mode=bool(a.get("ceil_mode", 0)))
         )
         nodes = _nodes_of(ins[0]) | {node.name}
-        self.values[node.output[0]] = _QV(expr, x.scale, x.zp, x.dtype, x.qmin, x.qmax, nodes)
+        self.values[node.output[0]] = _QV(expr, x.scale, x.zp, x.dtype, x.qmin, x.qmax, nodes, x.int_tensor)
         self.record(node, "integer", f"max_pool2d on {x.dtype}", nodes)
 
     def _pool_pads(self, node, a, xshape):
@@ -1084,7 +1094,7 @@ class _Lowering:
                 self.record(node, "integer", what, nodes)
                 return
         q = self.as_qv(x, f"{node.op_type} input {node.input[0]!r}")
-        self.values[node.output[0]] = _QV(fn(q.expr), q.scale, q.zp, q.dtype, q.qmin, q.qmax, nodes)
+        self.values[node.output[0]] = _QV(fn(q.expr), q.scale, q.zp, q.dtype, q.qmin, q.qmax, nodes, q.int_tensor)
         self.record(node, "integer", what, nodes)
 
     def _const_input(self, node, ins, i, what):
