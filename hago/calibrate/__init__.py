@@ -68,26 +68,44 @@ def collect_stats(graph: Graph, data, names, *, bins: int = 2048, histogram: boo
 
 
 def calibrate(graph: Graph, data, *, method: str | None = None, weight_method: str | None = None,
-              bins: int = 2048, threads: int | None = None, progress=None) -> CalibrationReport:
+              bins: int = 2048, threads: int | None = None, progress=None, observers: dict | None = None) -> CalibrationReport:
     """Set range, scale and zero point on every annotated edge of ``graph``.
 
     ``method`` overrides each activation annotation's own method; ``weight_method``
     each weight's. ``data`` is an iterable of ``{input_name: ndarray}`` batches.
+    Pass ``observers`` (from :func:`collect_stats`) to reuse statistics.
     """
     t0 = time.perf_counter()
-    anns = graph.annotated()
-    acts = [(v, a) for v, a in anns if a.kind == "activation" and not a.fixed and a.tied_to is None]
+    acts = activation_edges(graph)
     if method:
         for _, a in acts:
             a.method = method
     batches = _materialize(data, graph.input_names)
     names = [v.name for v, _ in acts]
     hist = any(needs_histogram(a.method) for _, a in acts)
-    obs = collect_stats(graph, batches, names, bins=bins, histogram=hist, threads=threads, progress=progress) if names else {}
-    for v, a in acts:
-        lo, hi = obs[v.name].range(a.method, a)
+    if observers is None or (hist and any(observers[n].hist is None for n in names)):
+        observers = collect_stats(graph, batches, names, bins=bins, histogram=hist, threads=threads,
+                                  progress=progress) if names else {}
+    apply_ranges(graph, observers, weight_method=weight_method)
+    report = CalibrationReport(batches=len(batches), samples=int(sum(next(iter(b.values())).shape[0] for b in batches)),
+                               seconds=time.perf_counter() - t0, edges=len(acts), histogram=hist)
+    graph.history.append(f"calibrate: {len(acts)} activation edges, {len(batches)} batches, {report['seconds']:.2f}s")
+    return report
+
+
+def activation_edges(graph: Graph):
+    """Annotated activation edges whose range calibration decides (not fixed, not tied)."""
+    return [(v, a) for v, a in graph.annotated() if a.kind == "activation" and not a.fixed and a.tied_to is None]
+
+
+def apply_ranges(graph: Graph, observers: dict, *, method: str | None = None, weight_method: str | None = None) -> None:
+    """Ranges from observers (activations) and constants (weights), then derived parameters."""
+    for v, a in activation_edges(graph):
+        if method:
+            a.method = method
+        lo, hi = observers[v.name].range(a.method, a)
         a.set_range(lo, hi)
-    for v, a in anns:
+    for v, a in graph.annotated():
         if a.kind == "weight":
             if weight_method:
                 a.method = weight_method
@@ -97,10 +115,6 @@ def calibrate(graph: Graph, data, *, method: str | None = None, weight_method: s
             lo, hi = weight_range(w, a, a.method)
             a.set_range(lo, hi)
     finalize_derived(graph)
-    report = CalibrationReport(batches=len(batches), samples=int(sum(next(iter(b.values())).shape[0] for b in batches)),
-                               seconds=time.perf_counter() - t0, edges=len(acts), histogram=hist)
-    graph.history.append(f"calibrate: {len(acts)} activation edges, {len(batches)} batches, {report['seconds']:.2f}s")
-    return report
 
 
 def finalize_derived(graph: Graph) -> None:
