@@ -89,6 +89,12 @@ def annotate(graph: Graph, spec: HardwareSpec, options: AnnotateOptions | None =
                     ann = ann.copy(**over)
                 except (TypeError, ValueError) as e:
                     raise HagoError(f"override for edge {v.name!r}: {e}") from None
+                if ann.kind != "bias":
+                    lo, hi = limits.get(v.name, d.bits)
+                    if not lo <= ann.bits <= hi:  # the spec's limits hold for overrides too (e.g. AVX2 saturation)
+                        notes.append(f"{v.name}: override asks {ann.bits} bits, spec {spec.name} allows {lo}-{hi}; "
+                                     f"using {min(max(ann.bits, lo), hi)}")
+                        ann = ann.copy(bits=min(max(ann.bits, lo), hi))
             old = graph.annotation(v)
             if old is not None:
                 if old.dtype != ann.dtype or old.kind != ann.kind:
