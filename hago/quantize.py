@@ -106,14 +106,16 @@ def float_runner(graph: Graph, threads: int | None = None) -> Callable[[dict], l
 def quantize(graph, spec, calib_data, *, weight_bits: int | None = None, activation_bits: int | None = None,
              per_channel: bool = True, method: str = "auto", weight_method: str = "minmax",
              symmetric_activations: bool | None = None, overrides: dict | None = None,
-             int4_storage: bool = False, threads: int | None = None, progress=None) -> QuantizedGraph:
+             float_nodes=(), int4_storage: bool = False, threads: int | None = None,
+             progress=None) -> QuantizedGraph:
     """Quantize ``graph`` for ``spec`` using ``calib_data`` (iterable of ``{input_name: ndarray}``).
 
     ``graph`` may be a :class:`hago.Graph`, a path or a ModelProto; ``spec`` a
     :class:`HardwareSpec`, a path or a shipped spec name. ``method`` picks the
     activation thresholds: ``minmax``, ``avg_range``, ``percentile[:p]``,
-    ``kl``, ``mse``, ``lp:<p>`` or ``auto`` (per edge, the lowest-MSE choice
-    among them). Bits default to the spec's maximum and are clamped to what the
+    ``kl``, ``mse``, ``lp:<p>`` or ``auto`` (the method whose network outputs
+    are closest to fp32 on the calibration data). ``float_nodes`` names nodes
+    kept in float (mixed precision). Bits default to the spec's maximum and are clamped to what the
     spec allows for each edge (reported in :meth:`QuantizedGraph.summary`).
     """
     from .calibrate import calibrate
@@ -126,11 +128,15 @@ def quantize(graph, spec, calib_data, *, weight_bits: int | None = None, activat
                            symmetric_activations=symmetric_activations,
                            activation_method="minmax" if method == "auto" else method,
                            weight_method=weight_method, overrides=dict(overrides or {}))
-    partition(g, spec)
+    unknown = set(float_nodes) - {n.name for n in g.nodes()}
+    if unknown:
+        raise HagoError(f"float_nodes: no node named {sorted(unknown)} in {g.source}")
+    partition(g, spec, force_float=frozenset(float_nodes))
     annotate(g, spec, opts)
     report = calibrate(g, calib_data, method=method if method != "auto" else None, threads=threads,
                        progress=progress) if method != "auto" else _calibrate_auto(g, calib_data, threads, progress)
-    options = dataclasses.asdict(opts) | {"method": method, "int4_storage": int4_storage}
+    options = dataclasses.asdict(opts) | {"method": method, "int4_storage": int4_storage,
+                                          "float_nodes": sorted(float_nodes)}
     return QuantizedGraph(g, spec, options, report)
 
 

@@ -23,9 +23,11 @@ op is imported with TVM's ONNX frontend (one node at a time) and run in float; a
 ``R.quantize`` (x / s, round half to even, + zp, saturate: onnxruntime's QuantizeLinear).
 
 Rounding of the fixed-point requantize: ``M = s_in / s_out`` is written ``m0 * 2**-shift`` with a 31-bit ``m0``;
-``y = (x * m0 + 2**(shift-1)) >> shift`` in int64, i.e. round half *up* (towards +inf). onnxruntime rounds
-``y / s_out`` half to even in float32, so the two differ by at most one step, and only on (near) ties. The float rule
-(``requantize="float"``) multiplies in float32 and rounds half to even like onnxruntime.
+``v = x * m0`` in int64 and ``y = (v + 2**(shift-1) - 1 + ((v >> shift) & 1)) >> shift``: round half to *even*, the
+rule of onnxruntime's QuantizeLinear (exact ties are common: an average of 4 values, a same-scale residual Add).
+onnxruntime computes ``y / s_out`` in float32 while the integer path is exact up to the 31-bit multiplier, so the two
+can still differ by one step on near-ties. The float rule (``requantize="float"``) multiplies in float32 and rounds
+half to even.
 """
 from __future__ import annotations
 
@@ -402,29 +404,42 @@ class _Lowering:
                 y = self.emit(R.add(y, self.const(np.float32(zp), "float32")))
             y = self.emit(R.clip(y, float(qmin), float(qmax)))
             return self.cast(y, dtype)
-        # fixed point: int64, round half up
-        frac = 0 if len(terms) == 1 else SUM_FRAC_BITS
-        acc = None
-        for t in terms:
+        # fixed point, int64: x * m0 then a rounding right shift (ties to even, like onnxruntime)
+        if len(terms) == 1:
+            t = terms[0]
             m0, shift = quantize_multiplier(t.scale / s_out, where=where)
-            x = self._term_x(t, "int64")
-            x = self.emit(R.multiply(x, self.const(m0, "int64")))
-            rs = np.maximum(shift - frac, 0)
-            ls = np.maximum(frac - shift, 0)
-            if np.any(ls > 0):
-                x = self.emit(R.left_shift(x, self.const(ls, "int64")))
-            if np.any(rs > 0):
-                half = np.where(rs > 0, np.left_shift(np.int64(1), np.maximum(rs - 1, 0)), 0)
-                x = self.emit(R.add(x, self.const(half, "int64")))
-                x = self.emit(R.right_shift(x, self.const(rs, "int64")))
-            acc = x if acc is None else self.emit(R.add(acc, x))
-        if frac:
-            acc = self.emit(R.add(acc, self.const(np.int64(1) << (frac - 1), "int64")))
-            acc = self.emit(R.right_shift(acc, self.const(np.int64(frac), "int64")))
+            x = self.emit(R.multiply(self._term_x(t, "int64"), self.const(m0, "int64")))
+            acc = self._rshift_rne(x, shift)
+        else:
+            # several terms (residual Add): each rescaled to the output scale with SUM_FRAC_BITS extra fraction
+            # bits, summed, then one rounding shift
+            frac = SUM_FRAC_BITS
+            acc = None
+            for t in terms:
+                m0, shift = quantize_multiplier(t.scale / s_out, where=where)
+                x = self.emit(R.multiply(self._term_x(t, "int64"), self.const(m0, "int64")))
+                ls = np.maximum(frac - shift, 0)
+                if np.any(ls > 0):
+                    x = self.emit(R.left_shift(x, self.const(ls, "int64")))
+                x = self._rshift_rne(x, np.maximum(shift - frac, 0))
+                acc = x if acc is None else self.emit(R.add(acc, x))
+            acc = self._rshift_rne(acc, np.array(frac, np.int64))
         if zp:
             acc = self.emit(R.add(acc, self.const(np.int64(zp), "int64")))
         acc = self.emit(R.clip(acc, int(qmin), int(qmax)))
         return self.cast(acc, dtype)
+
+    def _rshift_rne(self, x, shift: np.ndarray):
+        """``round(x / 2**shift)`` with ties to even, in int64 (shift >= 0, elementwise constant)."""
+        R = self.R
+        shift = np.asarray(shift, np.int64)
+        if not np.any(shift > 0):
+            return x
+        s_c = self.const(shift, "int64")
+        half_m1 = np.where(shift > 0, np.left_shift(np.int64(1), np.maximum(shift - 1, 0)) - 1, 0)
+        lsb = self.emit(R.bitwise_and(self.emit(R.right_shift(x, s_c)), self.const(np.where(shift > 0, 1, 0), "int64")))
+        x = self.emit(R.add(self.emit(R.add(x, self.const(half_m1, "int64"))), lsb))
+        return self.emit(R.right_shift(x, s_c))
 
     # ---------------------------------------------------------------- driver
     def run(self):
@@ -1257,7 +1272,7 @@ def realize(model: onnx.ModelProto, *, requantize: str = "fixed_point", accumula
             fold_relu: bool = True, input_shapes: dict | None = None):
     """Lower a QDQ ONNX model to a Relax ``IRModule`` (one ``main``: float inputs -> outputs).
 
-    ``requantize``: ``"fixed_point"`` (31-bit multiplier and right shift in int64, round half up) or ``"float"``
+    ``requantize``: ``"fixed_point"`` (31-bit multiplier and rounding right shift in int64, ties to even) or ``"float"``
     (float32 multiply, round half to even). ``accumulator``: ``"int32"`` or ``"int16"`` (the out_dtype of the integer
     conv2d/matmul; int16 wraps on overflow like the hardware it models). ``fold_relu``: fold Relu/Clip into the
     requantize clip bounds (else an extra integer clip after requantize; same numbers).

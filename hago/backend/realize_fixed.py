@@ -72,13 +72,14 @@ def quantize_multiplier(m: np.ndarray, *, where: str = "") -> tuple[np.ndarray, 
 
 
 def fixed_point_reference(x: np.ndarray, m0: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """Numpy model of the emitted fixed-point rescale: ``(x*m0 + 2**(shift-1)) >> shift`` in int64.
+    """Numpy model of the emitted fixed-point rescale, in int64.
 
-    That is round-half-up (towards +inf) of ``x * m0 / 2**shift``.
+    ``v = x*m0; (v + 2**(shift-1) - 1 + ((v >> shift) & 1)) >> shift``: ``x * m0 / 2**shift`` rounded to the
+    nearest integer, ties to even.
     """
-    x = np.asarray(x, dtype=np.int64)
-    half = np.left_shift(np.int64(1), shift - 1)
-    return np.right_shift(x * m0 + half, shift)
+    v = np.asarray(x, dtype=np.int64) * m0
+    half_m1 = np.left_shift(np.int64(1), shift - 1) - 1
+    return np.right_shift(v + half_m1 + (np.right_shift(v, shift) & 1), shift)
 
 
 def round_half_even_f32(v) -> np.ndarray:

@@ -60,8 +60,12 @@ def signature_fits(sig: Signature, node: ir.Node) -> str | None:
     return None
 
 
-def partition(graph: Graph, spec: HardwareSpec) -> Graph:
-    """Mark every node of the main graph integer or float per ``spec`` (see module docstring)."""
+def partition(graph: Graph, spec: HardwareSpec, force_float: set[str] | frozenset[str] = frozenset()) -> Graph:
+    """Mark every node of the main graph integer or float per ``spec`` (see module docstring).
+
+    ``force_float`` names nodes that must stay float (mixed precision chosen by
+    the user or the search); they are reported with that reason.
+    """
     graph.fallbacks = []
     region: dict[int, str] = {}
     for node in graph.nodes():
@@ -71,7 +75,9 @@ def partition(graph: Graph, spec: HardwareSpec) -> Graph:
         reason = None
         chosen = None
         opspec = spec.op(op) if node.domain in ("", "ai.onnx") else None
-        if op in CONTROL_FLOW:
+        if node.name in force_float:
+            reason = "kept float by request (mixed precision)"
+        elif op in CONTROL_FLOW:
             reason = "control flow stays float (its subgraphs are not quantized)"
         elif opspec is None:
             reason = f"op {op} is not in spec {spec.name}" if not node.domain else f"custom op {node.domain}.{op}"

@@ -1,0 +1,356 @@
+"""Accuracy harness for the real PP-OCRv4 text recogniser that `rapidocr-onnxruntime` ships.
+
+    python -m hago.examples.ocr [--n 300] [--model path.onnx] [--threads N]
+
+The model (``rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx``, real
+weights, an SVTR-LCNet CTC recogniser with 6,625 classes) reads one text line
+of height 48. This module renders deterministic synthetic text lines (words,
+numbers, dates, codes; ASCII letters, digits and punctuation that the model's
+own dictionary holds), preprocesses them exactly as rapidocr does and scores
+greedy CTC decoding by character accuracy, ``1 - sum(edit distance) /
+sum(len(text))``. It lets hago compare an fp32 model with quantized versions
+of it:
+
+    images, texts = ocr.dataset(300)
+    calib = list(ocr.calib_batches(32))           # {input_name: array} batches, another seed
+    acc = ocr.evaluate(model_or_path, images, texts)
+
+Only numpy, Pillow and onnxruntime are needed (plus the rapidocr-onnxruntime
+wheel for the model file); nothing from hago but :mod:`hago.errors`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from hago.errors import HagoError, ModelError
+
+PIP_PACKAGE = "rapidocr-onnxruntime"
+MODEL_RELPATH = os.path.join("models", "ch_PP-OCRv4_rec_infer.onnx")
+
+HEIGHT = 48
+WIDTH = 320
+
+# Characters the generated lines draw from. All are in the model's dictionary
+# (checked by `dataset`); no spaces inside random codes, spaces only between words.
+LOWER = "abcdefghijklmnopqrstuvwxyz"
+UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+DIGITS = "0123456789"
+PUNCT = "-.,:/()%#+&"
+
+
+# --------------------------------------------------------------------- model
+def model_path() -> str:
+    """Path of the PP-OCRv4 recognition model installed with `rapidocr-onnxruntime`."""
+    try:
+        import rapidocr_onnxruntime  # noqa: F401  (the import locates the wheel)
+    except ImportError as e:
+        raise HagoError(
+            f"the PP-OCRv4 recognition model comes with the pip package '{PIP_PACKAGE}', "
+            f"which is not installed ({e}); install it with `pip install {PIP_PACKAGE}`"
+        ) from None
+    pkg = os.path.dirname(os.path.abspath(rapidocr_onnxruntime.__file__))
+    path = os.path.join(pkg, MODEL_RELPATH)
+    if not os.path.isfile(path):
+        raise HagoError(
+            f"{path}: the PP-OCRv4 recognition model is missing from the installed pip package "
+            f"'{PIP_PACKAGE}'; reinstall it with `pip install --force-reinstall {PIP_PACKAGE}`"
+        )
+    return path
+
+
+def _model_bytes(model) -> bytes | str:
+    """A path or serialized bytes for onnxruntime from a path, ModelProto or bytes."""
+    if isinstance(model, (bytes, bytearray)):
+        return bytes(model)
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if not os.path.isfile(path):
+            raise ModelError(f"{path}: model file not found")
+        return path
+    if hasattr(model, "SerializeToString"):
+        return model.SerializeToString()
+    raise ModelError(f"expected a model path, an onnx.ModelProto or serialized bytes, got {type(model).__name__}")
+
+
+def _session(model, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    src = _model_bytes(model)
+    try:
+        return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        where = src if isinstance(src, str) else "<in-memory model>"
+        raise ModelError(f"{where}: onnxruntime cannot load the model: {e}") from None
+
+
+def input_name(model=None) -> str:
+    """Name of the model's (single) image input; the installed PP-OCRv4 model when None."""
+    sess = _session(model_path() if model is None else model)
+    return sess.get_inputs()[0].name
+
+
+def charset(model=None) -> list[str]:
+    """The model's character list, index-aligned with its output classes.
+
+    Mirrors rapidocr_onnxruntime: the dictionary is the ``character`` entry of the
+    ONNX metadata, split with ``str.splitlines()``; a space is appended at the
+    end and the CTC blank (written ``"blank"``) is inserted at index 0.
+    """
+    model = model_path() if model is None else model
+    meta = _session(model).get_modelmeta().custom_metadata_map
+    if "character" not in meta:
+        where = model if isinstance(model, (str, os.PathLike)) else "<in-memory model>"
+        raise ModelError(f"{where}: the model has no 'character' metadata entry (not a PP-OCR recogniser?)")
+    chars = meta["character"].splitlines()
+    chars.append(" ")
+    chars.insert(0, "blank")
+    return chars
+
+
+# ------------------------------------------------------------------ decoding
+def decode(logits: np.ndarray, chars: Sequence[str]) -> list[str]:
+    """Greedy CTC decoding of ``logits`` [N, T, C]: argmax, merge repeats, drop blank (index 0)."""
+    logits = np.asarray(logits)
+    if logits.ndim != 3:
+        raise ValueError(f"decode expects logits of shape [N, T, C], got {logits.shape}")
+    if logits.shape[2] != len(chars):
+        raise ValueError(f"logits have {logits.shape[2]} classes but the charset has {len(chars)}")
+    idx = logits.argmax(axis=2)
+    out = []
+    for row in idx:
+        keep = np.ones(row.shape, dtype=bool)
+        keep[1:] = row[1:] != row[:-1]
+        keep &= row != 0
+        out.append("".join(chars[i] for i in row[keep]))
+    return out
+
+
+def edit_distance(a: Sequence, b: Sequence) -> int:
+    """Levenshtein distance (unit insert/delete/substitute costs)."""
+    if len(a) < len(b):
+        a, b = b, a
+    if not b:
+        return len(a)
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+        prev = cur
+    return prev[-1]
+
+
+def char_accuracy(preds: Sequence[str], texts: Sequence[str]) -> float:
+    """``1 - sum(edit distance) / sum(len(text))``, clipped at 0."""
+    if len(preds) != len(texts):
+        raise ValueError(f"{len(preds)} predictions for {len(texts)} texts")
+    total = sum(len(t) for t in texts)
+    if total == 0:
+        raise ValueError("the reference texts are all empty")
+    dist = sum(edit_distance(p, t) for p, t in zip(preds, texts))
+    return max(0.0, 1.0 - dist / total)
+
+
+# ------------------------------------------------------------------ rendering
+def _syllable_word(rng: np.random.Generator, lo: int, hi: int) -> str:
+    cons, vows = "bcdfghjklmnprstvwxyz", "aeiou"
+    n = int(rng.integers(lo, hi + 1))
+    s = []
+    for i in range(n):
+        s.append((cons if i % 2 == 0 else vows)[int(rng.integers(0, 20 if i % 2 == 0 else 5))])
+    return "".join(s)
+
+
+def _pick(rng, alphabet: str, n: int) -> str:
+    return "".join(alphabet[int(i)] for i in rng.integers(0, len(alphabet), size=n))
+
+
+def _random_text(rng: np.random.Generator) -> str:
+    """One text line of 4..20 characters."""
+    kind = int(rng.integers(0, 6))
+    if kind == 0:  # words
+        words = [_syllable_word(rng, 2, 8) for _ in range(int(rng.integers(1, 4)))]
+        style = int(rng.integers(0, 3))
+        if style == 1:
+            words[0] = words[0].capitalize()
+        elif style == 2:
+            words = [w.upper() for w in words]
+        text = " ".join(words)
+    elif kind == 1:  # a number
+        text = _pick(rng, DIGITS, int(rng.integers(4, 12)))
+    elif kind == 2:  # date / time / price / percentage
+        f = int(rng.integers(0, 4))
+        if f == 0:
+            text = f"{rng.integers(1990, 2031)}-{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d}"
+        elif f == 1:
+            text = f"{rng.integers(0, 24):02d}:{rng.integers(0, 60):02d}:{rng.integers(0, 60):02d}"
+        elif f == 2:
+            text = f"{rng.integers(1, 100000)}.{rng.integers(0, 100):02d}"
+        else:
+            text = f"{rng.integers(1, 100)}.{rng.integers(0, 10)}%"
+    elif kind == 3:  # code: letters and digits with a separator
+        a = _pick(rng, UPPER, int(rng.integers(2, 5)))
+        b = _pick(rng, DIGITS, int(rng.integers(2, 7)))
+        sep = "-/#:"[int(rng.integers(0, 4))]
+        text = a + sep + b
+    elif kind == 4:  # mixed alphanumerics
+        text = _pick(rng, LOWER + UPPER + DIGITS, int(rng.integers(4, 13)))
+    else:  # word + number + punctuation
+        w = _syllable_word(rng, 3, 8).capitalize()
+        text = f"{w} {rng.integers(1, 1000)}" + ("", ",", ".", ":")[int(rng.integers(0, 4))]
+    text = text[:20]
+    while len(text) < 4:
+        text += _pick(rng, DIGITS, 1)
+    return text
+
+
+_FONTS: dict = {}
+
+
+def _font(size: int):
+    """Pillow's built-in scalable font (Aileron); DejaVu Sans or the bitmap font as fallbacks."""
+    if size in _FONTS:
+        return _FONTS[size]
+    from PIL import ImageFont
+
+    font = None
+    try:
+        font = ImageFont.load_default(size=size)
+        if not isinstance(font, ImageFont.FreeTypeFont):
+            font = None  # Pillow without FreeType: the bitmap font ignores the size
+    except (TypeError, OSError, ImportError):
+        font = None
+    if font is None:
+        for path in ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "DejaVuSans.ttf"):
+            try:
+                font = ImageFont.truetype(path, size)
+                break
+            except OSError:
+                continue
+    if font is None:
+        font = ImageFont.load_default()
+    _FONTS[size] = font
+    return font
+
+
+def _render(text: str, rng: np.random.Generator) -> np.ndarray:
+    """Render ``text`` black-on-white (mild variation), return an HxWx3 uint8 BGR crop."""
+    from PIL import Image, ImageDraw
+
+    size = int(rng.integers(26, 41))
+    font = _font(size)
+    x0, y0, x1, y1 = font.getbbox(text)
+    tw, th = x1 - x0, y1 - y0
+    # The crop a text detector would hand the recogniser: the line's ink plus margins.
+    asc, desc = (font.getmetrics() if hasattr(font, "getmetrics") else (size, size // 4))
+    line_h = asc + desc
+    pad_top = int(rng.integers(2, max(3, size // 5)))
+    pad_bot = int(rng.integers(2, max(3, size // 5)))
+    pad_l = int(rng.integers(2, max(3, size // 3)))
+    pad_r = int(rng.integers(2, max(3, size // 3)))
+    w = tw + pad_l + pad_r
+    h = line_h + pad_top + pad_bot
+    bg = int(rng.integers(215, 256))
+    fg = int(rng.integers(0, 71))
+    img = Image.new("L", (w, h), color=bg)
+    ImageDraw.Draw(img).text((pad_l - x0, pad_top), text, fill=fg, font=font)
+    a = np.asarray(img, dtype=np.uint8)
+    return np.repeat(a[:, :, None], 3, axis=2)  # gray: RGB == BGR
+
+
+def _resize_norm(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """rapidocr's ``resize_norm_img`` for a fixed width: keep aspect, pad with 0 (after normalizing)."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    resized_w = min(width, int(math.ceil(height * w / float(h))))
+    im = Image.fromarray(img).resize((resized_w, height), Image.BILINEAR)
+    x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    x = (x - 0.5) / 0.5
+    out = np.zeros((3, height, width), dtype=np.float32)
+    out[:, :, :resized_w] = x
+    return out
+
+
+def dataset(n: int = 300, seed: int = 0, height: int = HEIGHT, width: int = WIDTH):
+    """``n`` deterministic text lines: (images float32 [n, 3, height, width], texts)."""
+    if n < 1:
+        raise ValueError(f"dataset needs n >= 1, got {n}")
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, 3, height, width), dtype=np.float32)
+    texts = []
+    for i in range(n):
+        text = _random_text(rng)
+        images[i] = _resize_norm(_render(text, rng), height, width)
+        texts.append(text)
+    return images, texts
+
+
+def calib_batches(n: int = 32, seed: int = 1, batch_size: int = 8, height: int = HEIGHT,
+                  width: int = WIDTH, name: str | None = None) -> Iterator[dict]:
+    """``n`` calibration lines (another seed than the test set) as ``{input_name: array}`` batches."""
+    images, _ = dataset(n, seed=seed, height=height, width=width)
+    name = name or input_name()
+    for i in range(0, n, batch_size):
+        yield {name: images[i:i + batch_size]}
+
+
+# ----------------------------------------------------------------- evaluation
+def predict(model, images: np.ndarray, batch_size: int = 16, threads: int | None = None,
+            chars: Sequence[str] | None = None) -> list[str]:
+    """Greedy-decoded strings for ``images`` [N, 3, H, W] through ``model`` (onnxruntime CPU)."""
+    sess = _session(model, threads)
+    name = sess.get_inputs()[0].name
+    if chars is None:
+        meta = sess.get_modelmeta().custom_metadata_map
+        chars = charset(model if "character" in meta else model_path())
+    preds: list[str] = []
+    for i in range(0, len(images), batch_size):
+        out = sess.run(None, {name: np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)})[0]
+        preds.extend(decode(out, chars))
+    return preds
+
+
+def evaluate(model, images: np.ndarray, texts: Sequence[str], batch_size: int = 16,
+             threads: int | None = None) -> float:
+    """Character accuracy of ``model`` (path, ModelProto or bytes) on ``images`` / ``texts``."""
+    return char_accuracy(predict(model, images, batch_size, threads), texts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="ONNX model (default: the installed PP-OCRv4 recogniser)")
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--show", type=int, default=0, help="print this many mistakes")
+    args = ap.parse_args(argv)
+    model = args.model or model_path()
+    t0 = time.perf_counter()
+    images, texts = dataset(args.n, seed=args.seed)
+    t1 = time.perf_counter()
+    preds = predict(model, images, threads=args.threads)
+    t2 = time.perf_counter()
+    acc = char_accuracy(preds, texts)
+    wrong = [(t, p) for t, p in zip(texts, preds) if t != p]
+    for t, p in wrong[: args.show]:
+        print(f"  {t!r:24} -> {p!r}")
+    print(f"model          {model}")
+    print(f"char accuracy  {acc:.4f} on {args.n} lines ({len(texts) - len(wrong)} exact)")
+    print(f"time           data {t1 - t0:.1f} s, inference+decode {t2 - t1:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
