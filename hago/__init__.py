@@ -30,8 +30,10 @@ _LAZY = {
     "Graph": ("hago.ir", "Graph"),
     "load_spec": ("hago.hwspec", "load_spec"),
     "HardwareSpec": ("hago.hwspec", "HardwareSpec"),
-    "quantize": ("hago.quantize", "quantize"),
-    "QuantizedGraph": ("hago.quantize", "QuantizedGraph"),
+    "quantize": ("hago.pipeline", "quantize"),
+    "QuantizedGraph": ("hago.pipeline", "QuantizedGraph"),
+    # hago.search is a callable package: hago.search(graph, spec, calib, ...) runs hago.search.driver.search
+    "search": ("hago.search", "search"),
 }
 _SUBMODULES = {"ir", "hwspec", "passes", "calibrate", "algorithms", "search", "backend", "runtime", "cli", "examples"}
 
@@ -41,6 +43,8 @@ def __getattr__(name):
         import importlib
 
         module, attr = _LAZY[name]
+        if name == "search":
+            return importlib.import_module("hago.search")
         value = getattr(importlib.import_module(module), attr)
         globals()[name] = value
         return value
@@ -69,16 +73,6 @@ def measure(artifact, inputs=None, **kwargs):
     from .backend.measure import measure as _measure
 
     return _measure(artifact, inputs, **kwargs)
-
-
-def search(graph, spec, calib_data, eval_data=None, metric=None, **kwargs):
-    """Search per-edge bits, signatures and scales against accuracy and latency.
-
-    See :func:`hago.search.driver.search`.
-    """
-    from .search.driver import search as _search
-
-    return _search(graph, spec, calib_data, eval_data, metric, **kwargs)
 
 
 def load_result(path):

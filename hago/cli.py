@@ -88,7 +88,7 @@ def cmd_quantize(args) -> int:
     if args.eval:
         ev = load_npz_batches(args.eval, graph.input_names, args.batch_size, None, keep_labels=True)
         if "label" in ev[0]:
-            from .quantize import evaluate, float_runner
+            from .pipeline import evaluate, float_runner
 
             fp = evaluate(float_runner(graph), ev)
             q = qg.evaluate(ev)

@@ -365,20 +365,17 @@ def region_inputs(model, tensor):
     return found
 
 
-def check_regions(model, feeds, max_steps=1, **kw):
-    """Each Q output of the realized model vs onnxruntime computing that region from the *same* integer inputs.
+def check_regions(model, feeds, ours, max_steps=1):
+    """Each Q output `ours[t]` vs onnxruntime computing that region from the *same* integer inputs.
 
     Returns {Q output: fraction of values equal}.
     """
     from onnx.utils import Extractor
 
-    qs = q_outputs(model)
-    names = [i.name for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
-    ours = dict(zip(qs, compile_run(rz.realize(cut_at(model, qs), **kw), [feeds[n] for n in names])))
-    ours.update(feeds)
+    ours = {**ours, **feeds}
     inferred = onnx.shape_inference.infer_shapes(model)
     exact = {}
-    for t in qs:
+    for t in q_outputs(model):
         ins = region_inputs(model, t)
         sub = Extractor(inferred).extract_model(ins, [t])
         ref = _ort_session(sub).run(None, {i: ours[i] for i in ins})[0]
@@ -387,44 +384,270 @@ def check_regions(model, feeds, max_steps=1, **kw):
     return exact
 
 
-@pytest.mark.parametrize("requantize", ["fixed_point", "float"])
-def test_classifier_regions_within_one_step(classifier_qdq, classifier_batch, requantize):
-    exact = check_regions(classifier_qdq, classifier_batch, requantize=requantize)
+def run_all_q(model, feeds, **kw):
+    """(ours, onnxruntime) dicts of every Q output and every graph output."""
+    outs = q_outputs(model) + [o.name for o in model.graph.output]
+    cut = cut_at(model, outs)
+    ref, got = run_both(cut, feeds, **kw)
+    return dict(zip(outs, got)), dict(zip(outs, ref))
+
+
+@pytest.fixture(scope="module", params=["fixed_point", "float"])
+def classifier_run(request, classifier_qdq, classifier_batch):
+    ours, ref = run_all_q(classifier_qdq, classifier_batch, requantize=request.param)
+    return request.param, ours, ref
+
+
+def test_classifier_regions_within_one_step(classifier_qdq, classifier_batch, classifier_run):
+    _mode, ours, _ref = classifier_run
+    exact = check_regions(classifier_qdq, classifier_batch, ours)
     assert len(exact) >= 10
     # almost everything is bit-exact; the rest are near-ties that onnxruntime rounds in float32
     assert min(exact.values()) > 0.97, exact
 
 
-@pytest.mark.parametrize("requantize", ["fixed_point", "float"])
-def test_classifier_matches_onnxruntime_end_to_end(classifier_qdq, classifier_batch, requantize):
+def test_classifier_matches_onnxruntime_end_to_end(classifier_qdq, classifier_run):
+    _mode, ours, ref = classifier_run
     model = classifier_qdq
     final_q = q_outputs(model)[-1]
-    region_q = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "r3"]
-    cut = cut_at(model, [final_q] + region_q + [model.graph.output[0].name])
-    ref, got = run_both(cut, classifier_batch, requantize=requantize)
-    assert steps(ref[1], got[1]) <= 1  # region output after conv3+relu: no rounding difference upstream of it
-    assert np.mean(ref[1] == got[1]) > 0.99
+    region_q = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "r3"][0]
+    # a region output with no rounding difference upstream of it
+    assert steps(ref[region_q], ours[region_q]) <= 1
+    assert np.mean(ref[region_q] == ours[region_q]) > 0.99
     # the final integer output: one-step differences upstream can add up (3 rounding stages here)
-    assert steps(ref[0], got[0]) <= 2
-    assert np.mean(np.abs(ref[0].astype(int) - got[0].astype(int)) <= 1) > 0.99
-    agree = np.mean(np.argmax(ref[2], axis=1) == np.argmax(got[2], axis=1))
+    assert steps(ref[final_q], ours[final_q]) <= 2
+    assert np.mean(np.abs(ref[final_q].astype(int) - ours[final_q].astype(int)) <= 1) > 0.99
+    out = model.graph.output[0].name
+    agree = np.mean(np.argmax(ref[out], axis=1) == np.argmax(ours[out], axis=1))
     assert agree >= 0.995
     # the float output is the dequantized integer output
-    np.testing.assert_allclose(ref[2], got[2], atol=float(np.max(np.abs(ref[2]))) / 50 + 1e-6)
+    np.testing.assert_allclose(ref[out], ours[out], atol=float(np.max(np.abs(ref[out]))) / 50 + 1e-6)
 
 
-def test_fold_relu_off_gives_same_numbers(classifier_qdq, classifier_batch):
-    x = [classifier_batch["x"]]
-    a = compile_run(rz.realize(classifier_qdq, fold_relu=True), x)[0]
-    b = compile_run(rz.realize(classifier_qdq, fold_relu=False), x)[0]
-    np.testing.assert_array_equal(a, b)
+def test_fold_relu_off_gives_same_numbers(classifier_qdq, classifier_batch, classifier_run):
+    mode, ours, _ref = classifier_run
+    if mode != "fixed_point":
+        pytest.skip("checked once")
+    final_q = q_outputs(classifier_qdq)[-1]
+    cut = cut_at(classifier_qdq, [final_q])
+    got = compile_run(rz.realize(cut, fold_relu=False), [classifier_batch["x"]])[0]
+    np.testing.assert_array_equal(got, ours[final_q])
+    assert "R.clip(" in rz.realize(cut, fold_relu=False).script()
 
 
-def test_optimized_onnxruntime_differs_by_at_most_one_step(classifier_qdq, classifier_batch):
-    """ORT with optimizations fuses QDQ into QLinearConv etc. (its own rounding); still within a step."""
-    cut = cut_at(classifier_qdq, [q_outputs(classifier_qdq)[-1]])
-    opt = _ort_session(cut, optimized=True).run(None, classifier_batch)[0]
-    exact = _ort_session(cut).run(None, classifier_batch)[0]
-    got = compile_run(rz.realize(cut), [classifier_batch["x"]])[0]
-    assert steps(exact, got) <= 1
-    assert steps(opt, got) <= 2
+# ------------------------------------------------------------------------------------------- hand-made QDQ models
+
+
+def _model_a():
+    """Conv+Relu (7-bit), depthwise Conv+Clip(0,6), AveragePool (pads, ceil), Transpose, Reshape, MatMul,
+    a float Sigmoid head and a Concat of a float and an integer tensor."""
+    r = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], group=6, name="dw"),
+        helper.make_node("Clip", ["c2", "lo", "hi"], ["r2"], name="relu6"),
+        helper.make_node("AveragePool", ["r2"], ["ap"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                         ceil_mode=1, count_include_pad=0, name="avgpool"),
+        helper.make_node("Transpose", ["ap"], ["t"], perm=[0, 2, 3, 1], name="transpose"),
+        helper.make_node("Reshape", ["t", "shape"], ["f"], name="reshape"),
+        helper.make_node("MatMul", ["f", "wm"], ["m"], name="head1"),
+        helper.make_node("Sigmoid", ["m"], ["s"], name="sigmoid"),
+        helper.make_node("MatMul", ["f", "wm2"], ["m2"], name="head2"),
+        helper.make_node("Concat", ["s", "m2"], ["y"], axis=1, name="concat"),
+    ]
+    inits = [
+        _init("w1", r.normal(0, 0.4, (6, 3, 3, 3))), _init("b1", r.normal(0, 0.2, 6)),
+        _init("w2", r.normal(0, 0.4, (6, 1, 3, 3))), _init("b2", r.normal(0, 0.2, 6)),
+        _init("lo", np.array(0.0)), _init("hi", np.array(6.0)),
+        _init("shape", np.array([4, -1]), np.int64),
+        _init("wm", r.normal(0, 0.2, (96, 10))), _init("wm2", r.normal(0, 0.2, (96, 5))),
+    ]
+    return _float_model(nodes, [("x", [4, 3, 8, 8])], ["y"], inits)
+
+
+def _model_b():
+    """int8 activations, per-tensor weights: two convs summed with different scales, a Mul, GAP, Gemm(transB=0),
+    Softmax in float."""
+    r = np.random.default_rng(5)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[0, 0, 0, 0], strides=[2, 2], name="conv1"),
+        helper.make_node("Conv", ["x", "w2", "b2"], ["c2"], kernel_shape=[3, 3], auto_pad="SAME_UPPER",
+                         strides=[2, 2], name="conv2"),
+        helper.make_node("Add", ["c1", "c2"], ["a"], name="add"),
+        helper.make_node("Sub", ["a", "c1"], ["d"], name="sub"),
+        helper.make_node("Mul", ["d", "c2"], ["p"], name="mul"),
+        helper.make_node("GlobalAveragePool", ["p"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wg", "bg"], ["z"], name="fc"),
+        helper.make_node("Softmax", ["z"], ["y"], axis=1, name="softmax"),
+    ]
+    inits = [
+        _init("w1", r.normal(0, 0.5, (5, 2, 1, 1))),
+        _init("w2", r.normal(0, 0.3, (5, 2, 3, 3))), _init("b2", r.normal(0, 0.2, 5)),
+        _init("wg", r.normal(0, 0.5, (5, 7))), _init("bg", r.normal(0, 0.2, 7)),
+    ]
+    return _float_model(nodes, [("x", [8, 2, 9, 9])], ["y"], inits)
+
+
+@pytest.fixture(scope="module")
+def model_a():
+    calib = {"x": RNG.normal(0, 1, (4, 3, 8, 8)).astype(np.float32)}
+    return make_qdq(_model_a(), calib, bits={"r1": 7}, skip={"c1", "c2", "s", "y"})
+
+
+@pytest.fixture(scope="module")
+def model_b():
+    calib = {"x": RNG.normal(0, 1, (8, 2, 9, 9)).astype(np.float32)}
+    return make_qdq(_model_b(), calib, act_dtype="int8", per_channel=False, skip={"y"})
+
+
+def test_model_a_describe(model_a):
+    recs = {r["node"]: r for r in rz.describe(model_a)}
+    for n in ("conv1", "relu1", "dw", "relu6", "avgpool", "transpose", "reshape", "head1", "head2"):
+        assert recs[n]["realized"] == "integer", recs[n]
+    assert recs["relu1"]["detail"].endswith("folded into the requantize bounds")
+    assert recs["sigmoid"]["realized"] == "float" and "Sigmoid" in recs["sigmoid"]["detail"]
+    assert recs["concat"]["realized"] == "float" and "not quantized" in recs["concat"]["detail"]
+    # the 7-bit narrowing Clip in front of the Q is folded too
+    assert recs["r1_Clip"]["realized"] == "integer"
+    assert recs["m_DQ"]["realized"] == "border"  # the Sigmoid reads head1's output in float
+
+
+@pytest.mark.parametrize("requantize", ["fixed_point", "float"])
+def test_model_a_matches_onnxruntime(model_a, requantize):
+    feeds = {"x": RNG.normal(0, 1.2, (4, 3, 8, 8)).astype(np.float32)}
+    ours, ref = run_all_q(model_a, feeds, requantize=requantize)
+    exact = check_regions(model_a, feeds, ours)
+    assert min(exact.values()) > 0.95, exact
+    r1q = "r1_q"
+    assert ours[r1q].max() <= 127  # 7 bits in uint8
+    np.testing.assert_allclose(ours["y"], ref["y"], atol=0.05)
+
+
+def test_model_a_fold_relu_off_same_numbers(model_a):
+    feeds = [RNG.normal(0, 1.2, (4, 3, 8, 8)).astype(np.float32)]
+    cut = cut_at(model_a, q_outputs(model_a))
+    a = compile_run(rz.realize(cut, fold_relu=True), feeds)
+    b = compile_run(rz.realize(cut, fold_relu=False), feeds)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_model_b_int8_activations(model_b):
+    recs = {r["node"]: r for r in rz.describe(model_b)}
+    for n in ("conv1", "conv2", "add", "sub", "mul", "gap", "flatten", "fc"):
+        assert recs[n]["realized"] == "integer", recs[n]
+    assert recs["softmax"]["realized"] == "float"
+    assert "per-tensor" in recs["conv1"]["detail"]
+    feeds = {"x": RNG.normal(0, 1, (8, 2, 9, 9)).astype(np.float32)}
+    ours, ref = run_all_q(model_b, feeds)
+    assert ours["x_q"].dtype == np.int8
+    exact = check_regions(model_b, feeds, ours)
+    assert min(exact.values()) > 0.95, exact
+    np.testing.assert_allclose(ours["y"], ref["y"], atol=0.02)
+    assert np.mean(np.argmax(ours["y"], 1) == np.argmax(ref["y"], 1)) >= 7 / 8
+
+
+def test_int16_accumulator():
+    """4-bit weights and int8 activations: a 3x3x3 conv fits an int16 accumulator."""
+    r = np.random.default_rng(11)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    fm = _float_model(nodes, [("x", [2, 3, 6, 6])], ["y"],
+                      [_init("w", r.normal(0, 0.5, (4, 3, 3, 3))), _init("b", r.normal(0, 0.1, 4))])
+    q = make_qdq(fm, {"x": r.normal(0, 1, (2, 3, 6, 6)).astype(np.float32)}, act_dtype="int8",
+                 weight_dtype="int4", skip={"c"})
+    text = rz.realize(q, accumulator="int16").script()
+    assert 'out_dtype="int16"' in text and 'out_dtype="int32"' not in text
+    feeds = {"x": r.normal(0, 1, (2, 3, 6, 6)).astype(np.float32)}
+    ours, _ref = run_all_q(q, feeds, accumulator="int16")
+    exact = check_regions(q, feeds, ours)
+    assert min(exact.values()) > 0.97
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+
+
+def test_bad_options_and_models(model_b):
+    with pytest.raises(CompileError, match="requantize"):
+        rz.realize(model_b, requantize="magic")
+    with pytest.raises(CompileError, match="accumulator"):
+        rz.realize(model_b, accumulator="int8")
+    with pytest.raises(ModelError):
+        rz.realize(b"not a model")
+    sym = onnx.ModelProto()
+    sym.CopyFrom(model_b)
+    sym.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    with pytest.raises(ModelError, match="'x'.*symbolic"):
+        rz.realize(sym)
+    assert rz.realize(sym, input_shapes={"x": [8, 2, 9, 9]}) is not None
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model_b)
+    broken.graph.node[-1].input[0] = "nowhere"
+    with pytest.raises(HagoError, match="nowhere"):
+        rz.realize(broken)
+    new = onnx.ModelProto()
+    new.CopyFrom(model_b)
+    new.opset_import[0].version = 23
+    with pytest.raises(ModelError, match="opset"):
+        rz.realize(new)
+
+
+# --------------------------------------------------------------------------------------------- a real model
+
+
+@pytest.mark.slow
+def test_light_squeezenet(tmp_path):
+    path = os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light/light_squeezenet.onnx")
+    if not os.path.exists(path):
+        pytest.skip("onnx does not ship light_squeezenet")
+    fm = onnx.load(path)
+    fm = _materialize_light(fm)
+    name = fm.graph.input[0].name
+    shape = [d.dim_value for d in fm.graph.input[0].type.tensor_type.shape.dim]
+    rng = np.random.default_rng(0)
+    calib = [{name: rng.uniform(0, 1, shape).astype(np.float32)} for _ in range(4)]
+    q = _ort_quantize(fm, calib, tmp_path, "sq")
+    recs = rz.describe(q)
+    ints = [r for r in recs if r["realized"] == "integer" and r["op_type"] == "Conv"]
+    assert len(ints) == sum(1 for n in q.graph.node if n.op_type == "Conv")
+    feeds = {name: rng.uniform(0, 1, shape).astype(np.float32)}
+    ours, ref = run_all_q(q, feeds)
+    exact = check_regions(q, feeds, ours)
+    assert min(exact.values()) > 0.95
+    out = q.graph.output[0].name
+    assert np.argmax(ours[out]) == np.argmax(ref[out])
+
+
+def _materialize_light(model, seed=0):
+    """light_squeezenet builds its weights with ConstantOfShape (every weight 0.02, so all channels are equal and
+    the argmax is a tie). Replace them by seeded random initializers of the same shapes (He-scaled weights, small
+    biases) so that quantize_static sees real initializers and the classifier output is not degenerate."""
+    rng = np.random.default_rng(seed)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    new_inits, nodes = [], []
+    for n in model.graph.node:
+        if n.op_type == "ConstantOfShape":
+            shape = [int(d) for d in inits[n.input[0]]]
+            if len(shape) == 4:
+                fan_in = int(np.prod(shape[1:]))
+                arr = rng.normal(0, np.sqrt(2.0 / fan_in), shape)
+            else:
+                arr = rng.normal(0, 0.05, shape)
+            new_inits.append(_init(n.output[0], arr))
+        else:
+            nodes.append(n)
+    used = {i for n in nodes for i in n.input}
+    keep = [numpy_helper.from_array(v, k) for k, v in inits.items() if k in used]
+    const_names = {i.name for i in new_inits} | set(inits)
+    inputs = [i for i in model.graph.input if i.name not in const_names]
+    g = helper.make_graph(nodes, model.graph.name, inputs, list(model.graph.output), initializer=keep + new_inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    for node in m.graph.node:  # opset 9 -> 13: Dropout lost its `is_test`; Softmax on [1,1000,1,1] is the same
+        for a in list(node.attribute):
+            if node.op_type == "Dropout" and a.name in ("is_test", "ratio"):
+                node.attribute.remove(a)
+    onnx.checker.check_model(m)
+    return m

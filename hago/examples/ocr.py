@@ -41,7 +41,7 @@ WIDTH = 320
 LOWER = "abcdefghijklmnopqrstuvwxyz"
 UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 DIGITS = "0123456789"
-PUNCT = "-.,:/()%#+&"
+MIXED = "".join(c for c in LOWER + UPPER + DIGITS if c not in "0Oo1Il")
 
 
 # --------------------------------------------------------------------- model
@@ -178,7 +178,7 @@ def _pick(rng, alphabet: str, n: int) -> str:
 
 def _random_text(rng: np.random.Generator) -> str:
     """One text line of 4..20 characters."""
-    kind = int(rng.integers(0, 6))
+    kind = int(rng.integers(0, 7))
     if kind == 0:  # words
         words = [_syllable_word(rng, 2, 8) for _ in range(int(rng.integers(1, 4)))]
         style = int(rng.integers(0, 3))
@@ -204,12 +204,22 @@ def _random_text(rng: np.random.Generator) -> str:
         b = _pick(rng, DIGITS, int(rng.integers(2, 7)))
         sep = "-/#:"[int(rng.integers(0, 4))]
         text = a + sep + b
-    elif kind == 4:  # mixed alphanumerics
-        text = _pick(rng, LOWER + UPPER + DIGITS, int(rng.integers(4, 13)))
+    elif kind == 4:  # mixed alphanumerics, without glyphs a sans font draws alike (0/O/o, 1/I/l)
+        text = _pick(rng, MIXED, int(rng.integers(4, 13)))
+    elif kind == 5:  # punctuation-rich
+        f = int(rng.integers(0, 4))
+        if f == 0:
+            text = f"({_pick(rng, DIGITS, int(rng.integers(2, 5)))}) {_syllable_word(rng, 3, 7)}"
+        elif f == 1:
+            text = f"{_pick(rng, DIGITS, 2)}+{_pick(rng, DIGITS, 2)}={_pick(rng, DIGITS, 3)}"
+        elif f == 2:
+            text = f"{_syllable_word(rng, 2, 6).capitalize()} & {_syllable_word(rng, 2, 6).capitalize()}"
+        else:
+            text = f"#{_pick(rng, DIGITS, int(rng.integers(2, 6)))}/{_pick(rng, UPPER, 2)}"
     else:  # word + number + punctuation
         w = _syllable_word(rng, 3, 8).capitalize()
         text = f"{w} {rng.integers(1, 1000)}" + ("", ",", ".", ":")[int(rng.integers(0, 4))]
-    text = text[:20]
+    text = text[:20].rstrip()
     while len(text) < 4:
         text += _pick(rng, DIGITS, 1)
     return text
@@ -246,7 +256,7 @@ def _font(size: int):
 
 def _render(text: str, rng: np.random.Generator) -> np.ndarray:
     """Render ``text`` black-on-white (mild variation), return an HxWx3 uint8 BGR crop."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFilter
 
     size = int(rng.integers(26, 41))
     font = _font(size)
@@ -265,6 +275,9 @@ def _render(text: str, rng: np.random.Generator) -> np.ndarray:
     fg = int(rng.integers(0, 71))
     img = Image.new("L", (w, h), color=bg)
     ImageDraw.Draw(img).text((pad_l - x0, pad_top), text, fill=fg, font=font)
+    blur = float(rng.uniform(0.0, 1.0))
+    if blur > 0.6:  # a mild defocus on some lines
+        img = img.filter(ImageFilter.GaussianBlur(radius=blur - 0.3))
     a = np.asarray(img, dtype=np.uint8)
     return np.repeat(a[:, :, None], 3, axis=2)  # gray: RGB == BGR
 
@@ -308,8 +321,13 @@ def calib_batches(n: int = 32, seed: int = 1, batch_size: int = 8, height: int =
 
 # ----------------------------------------------------------------- evaluation
 def predict(model, images: np.ndarray, batch_size: int = 16, threads: int | None = None,
-            chars: Sequence[str] | None = None) -> list[str]:
-    """Greedy-decoded strings for ``images`` [N, 3, H, W] through ``model`` (onnxruntime CPU)."""
+            chars: Sequence[str] | None = None, strip: bool = True) -> list[str]:
+    """Greedy-decoded strings for ``images`` [N, 3, H, W] through ``model`` (onnxruntime CPU).
+
+    With ``strip`` (the default) leading and trailing spaces are removed: the
+    reference lines never have them, and the model tends to read a space into
+    the blank margin of a crop, which is not a misread character.
+    """
     sess = _session(model, threads)
     name = sess.get_inputs()[0].name
     if chars is None:
@@ -319,7 +337,7 @@ def predict(model, images: np.ndarray, batch_size: int = 16, threads: int | None
     for i in range(0, len(images), batch_size):
         out = sess.run(None, {name: np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)})[0]
         preds.extend(decode(out, chars))
-    return preds
+    return [p.strip(" ") for p in preds] if strip else preds
 
 
 def evaluate(model, images: np.ndarray, texts: Sequence[str], batch_size: int = 16,

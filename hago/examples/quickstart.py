@@ -15,7 +15,7 @@ import time
 
 import hago
 from hago.examples import datasets
-from hago.quantize import evaluate, float_runner
+from hago.pipeline import evaluate, float_runner
 
 MODELS = os.path.join(os.path.dirname(__file__), "models")
 

@@ -1,0 +1,221 @@
+"""Latency: measured on the target (TVM-compiled, local or over RPC; or onnxruntime), and an xgboost model of it.
+
+Measuring every candidate is too slow, so the search fits an xgboost model of
+whole-model latency from per-config features (integer and float MACs per op
+class, per-node precision, bytes crossing int/float boundaries) on the
+measurements made so far, asks it about many candidates, and measures only
+the most promising ones (active learning). Measurements are kept in a JSON-lines
+database per target and model so a later search starts warm.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+
+from ..errors import DeviceError, HagoError
+from ..ir.graph import Graph
+from .space import Config, SearchSpace
+
+
+# ------------------------------------------------------------------------------------------------
+# measurement
+
+
+class OrtLatency:
+    """Latency of the QDQ model on onnxruntime (CPU EP, all graph optimizations: what a user deploys)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, threads: int = 1, repeat: int = 20, warmup: int = 3, inputs: dict | None = None):
+        self.threads, self.repeat, self.warmup, self.inputs = threads, repeat, warmup, inputs
+        import onnxruntime
+
+        self.target_key = f"onnxruntime-{onnxruntime.__version__}-cpu-t{threads}"
+
+    def __call__(self, qg) -> float:
+        from ..runtime import ort as rt
+
+        sess = rt.session(qg.to_qdq(), threads=self.threads, optimize=True)
+        feeds = self.inputs or _random_inputs(sess)
+        for _ in range(self.warmup):
+            sess.run(None, feeds)
+        ts = []
+        for _ in range(self.repeat):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return float(np.median(ts))
+
+
+class TvmLatency:
+    """Latency of the TVM-compiled integer code (hago.compile + hago.measure), locally or over RPC."""
+
+    name = "tvm"
+
+    def __init__(self, spec, *, tune_trials: int = 0, cache_dir: str | None = None, threads: int | None = None,
+                 rpc=None, repeat: int = 20):
+        self.spec, self.tune_trials, self.cache_dir, self.threads, self.rpc, self.repeat = (
+            spec, tune_trials, cache_dir, threads, rpc, repeat)
+        tgt = json.dumps(spec.target, sort_keys=True)
+        self.target_key = "tvm-" + hashlib.sha1(f"{tgt}|{rpc}|{threads}".encode()).hexdigest()[:12]
+
+    def __call__(self, qg) -> float:
+        import hago
+
+        art = hago.compile(qg, self.spec, tune_trials=self.tune_trials, cache_dir=self.cache_dir, threads=self.threads,
+                           progress=False)
+        stats = hago.measure(art, None, repeat=self.repeat, threads=self.threads, rpc=self.rpc)
+        return float(stats.median_ms)
+
+
+def _random_inputs(sess) -> dict:
+    rs = np.random.RandomState(0)
+    feeds = {}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in i.shape]
+        if "float" in i.type:
+            feeds[i.name] = rs.rand(*shape).astype(np.float32)
+        else:
+            feeds[i.name] = np.zeros(shape, dtype=np.int64)
+    return feeds
+
+
+def make_measurer(measure, spec, **kw):
+    """'onnxruntime', 'tvm', 'rpc://HOST:PORT:KEY', or any callable(QuantizedGraph) -> ms."""
+    if callable(measure):
+        return measure
+    if measure in (None, "onnxruntime", "ort"):
+        return OrtLatency(threads=kw.get("threads") or 1)
+    if measure in ("tvm", "local"):
+        return TvmLatency(spec, tune_trials=kw.get("tune_trials", 0), cache_dir=kw.get("cache_dir"), threads=kw.get("threads"))
+    if isinstance(measure, str) and measure.startswith("rpc://"):
+        return TvmLatency(spec, tune_trials=kw.get("tune_trials", 0), cache_dir=kw.get("cache_dir"),
+                          threads=kw.get("threads"), rpc=measure[len("rpc://"):])
+    raise HagoError(f"measure={measure!r}: use 'onnxruntime', 'tvm', 'rpc://HOST:PORT:KEY' or a callable")
+
+
+# ------------------------------------------------------------------------------------------------
+# features and the xgboost model
+
+_CLASSES = ("conv", "dwconv", "gemm", "other")
+
+
+def _macs(node, out_shape) -> tuple[str, float]:
+    def dims(shape):
+        return [d if isinstance(d, int) else 1 for d in shape] if shape is not None else []
+
+    op = node.op_type
+    out = dims(out_shape)
+    if op in ("Conv", "ConvTranspose") and len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].shape is not None:
+        w = dims(node.inputs[1].shape)
+        group = node.attributes.get_int("group", 1)
+        k = int(np.prod(w[1:])) if len(w) > 1 else 1
+        cls = "dwconv" if group > 1 and group == (out[1] if len(out) > 1 else 0) else "conv"
+        return cls, float(np.prod(out)) * k if out else float(k)
+    if op in ("Gemm", "MatMul") and node.inputs[0] is not None and node.inputs[0].shape is not None:
+        a = dims(node.inputs[0].shape)
+        kdim = a[-1] if op == "MatMul" or not node.attributes.get_int("transA", 0) else a[0]
+        return "gemm", float(np.prod(out)) * kdim if out else float(kdim)
+    return "other", float(np.prod(out)) if out else 0.0
+
+
+class FeatureMap:
+    """Config -> feature vector (fixed layout for a given graph and space)."""
+
+    def __init__(self, graph: Graph, space: SearchSpace):
+        self.space = space
+        nodes = {n.name: n for n in graph.nodes()}
+        self.cls, self.macs, self.size = {}, {}, {}
+        for name in space.nodes:
+            n = nodes[name]
+            c, m = _macs(n, n.outputs[0].shape if n.outputs else None)
+            self.cls[name], self.macs[name] = c, m
+        # edges between candidate nodes: (producer, consumer, elements)
+        self.links = []
+        for n in graph.nodes():
+            if n.name not in self.cls:
+                continue
+            for v in n.inputs:
+                p = v.producer() if v is not None else None
+                if p is not None and p.name in self.cls:
+                    shape = [d if isinstance(d, int) else 1 for d in (v.shape or [])]
+                    self.links.append((p.name, n.name, float(np.prod(shape)) if shape else 1.0))
+        self.names = list(space.nodes)
+        self.dim = len(self.names) + 2 * len(_CLASSES) + 4
+
+    def __call__(self, cfg: Config) -> np.ndarray:
+        fl = cfg.float_nodes
+        f = np.zeros(self.dim, dtype=np.float64)
+        for i, n in enumerate(self.names):
+            f[i] = 0.0 if n in fl else 1.0
+        base = len(self.names)
+        for n in self.names:
+            j = _CLASSES.index(self.cls[n])
+            f[base + (len(_CLASSES) if n in fl else 0) + j] += self.macs[n] / 1e6
+        k = base + 2 * len(_CLASSES)
+        cross = [(s) for p, c, s in self.links if (p in fl) != (c in fl)]
+        f[k] = len(cross)
+        f[k + 1] = sum(cross) / 1e3
+        b = cfg.bits_dict()
+        f[k + 2] = np.mean([b.get(e.name, e.max) for e in self.space.edges]) if self.space.edges else 8
+        f[k + 3] = sum(1 for n in self.names if n not in fl)
+        return f
+
+
+class LatencyModel:
+    """xgboost regression of log-latency on config features."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self.model = None
+        self.n = 0
+
+    def fit(self, X: np.ndarray, y_ms: np.ndarray) -> "LatencyModel":
+        import xgboost as xgb
+
+        self.model = xgb.XGBRegressor(n_estimators=150, max_depth=4, learning_rate=0.1, subsample=1.0,
+                                      random_state=self.seed, n_jobs=1, verbosity=0)
+        self.model.fit(np.asarray(X), np.log(np.asarray(y_ms)))
+        self.n = len(y_ms)
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        if self.model is None:
+            raise HagoError("the latency model is not trained yet")
+        return np.exp(self.model.predict(np.asarray(X)))
+
+
+def spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).correlation)
+
+
+class LatencyDB:
+    """Measured latencies per (target, model) in a JSON-lines file, so later searches start warm."""
+
+    def __init__(self, root: str | None, target_key: str, model_hash: str):
+        root = root or os.path.join(os.path.expanduser("~"), ".cache", "hago", "latency")
+        self.path = os.path.join(root, target_key, f"{model_hash}.jsonl")
+        self.rows: dict[str, float] = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                        self.rows[r["key"]] = float(r["latency_ms"])
+                    except (ValueError, KeyError):
+                        continue  # a torn last line after a kill
+
+    def get(self, cfg: Config):
+        return self.rows.get(cfg.key())
+
+    def add(self, cfg: Config, ms: float) -> None:
+        self.rows[cfg.key()] = ms
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"key": cfg.key(), "config": cfg.to_dict(), "latency_ms": ms}) + "\n")
