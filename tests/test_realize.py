@@ -165,7 +165,6 @@ def make_qdq(model, feeds, *, act_dtype="uint8", bits=None, skip=(), per_channel
     graph = helper.make_graph(new_nodes, "qdq", list(g.input), outs, initializer=kept + new_inits)
     m = helper.make_model(graph, opset_imports=list(model.opset_import))
     m.ir_version = model.ir_version
-    onnx.checker.check_model(m)
     del qdt
     return m
 
@@ -461,7 +460,7 @@ def _model_a():
         _init("w2", r.normal(0, 0.4, (6, 1, 3, 3))), _init("b2", r.normal(0, 0.2, 6)),
         _init("lo", np.array(0.0)), _init("hi", np.array(6.0)),
         _init("shape", np.array([4, -1]), np.int64),
-        _init("wm", r.normal(0, 0.2, (96, 10))), _init("wm2", r.normal(0, 0.2, (96, 5))),
+        _init("wm", r.normal(0, 0.2, (150, 10))), _init("wm2", r.normal(0, 0.2, (150, 5))),
     ]
     return _float_model(nodes, [("x", [4, 3, 8, 8])], ["y"], inits)
 

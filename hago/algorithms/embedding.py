@@ -31,7 +31,10 @@ Greedy range search (``method="greedy"``)
 Codebook quantization (:func:`quantize_codebook`)
     ``k`` (16) centroids per row (``per="row"``) or one shared codebook
     (``per="table"``) found by Lloyd's k-means initialised at quantiles;
-    centroids stored fp16 and codes (``log2 k`` bits) packed like above.
+    centroids stored fp16 and codes (``log2 k`` bits) packed like above.  Per
+    row, Lloyd's iterations start from the greedy uniform grid by default, so
+    the codebook result refines (never worsens, up to the fp16 rounding of the
+    centroids) the row-wise uniform one.
 """
 from __future__ import annotations
 
@@ -304,11 +307,31 @@ def _assign_sorted(x: np.ndarray, cent: np.ndarray) -> np.ndarray:
     return (x[:, :, None] > mids[:, None, :]).sum(axis=2)
 
 
-def _lloyd_rows(x: np.ndarray, k: int, iters: int) -> np.ndarray:
-    """Vectorized 1-D Lloyd's k-means, independently per row. Returns sorted centroids [R, k]."""
+def _init_rows(x: np.ndarray, k: int, init: str, n_bins: int, ratio: float) -> np.ndarray:
+    """Initial sorted centroids [R, k]: a uniform grid over the min-max or greedy range, or quantiles."""
+    if init == "quantile":
+        qs = (np.arange(k, dtype=np.float64) + 0.5) / k
+        return np.quantile(x, qs, axis=1).T.astype(np.float32)
+    bits = int(np.log2(k))
+    if init == "greedy":
+        lo, hi = _greedy_ranges(x, bits, n_bins, ratio)
+    else:
+        lo, hi = x.min(axis=1), x.max(axis=1)
+    scale, bias, _ = _row_params(lo, hi, bits)
+    return bias[:, None] + scale[:, None] * np.arange(k, dtype=np.float32)[None, :]
+
+
+def _lloyd_rows(x: np.ndarray, cent: np.ndarray, iters: int, tol: float) -> np.ndarray:
+    """Vectorized 1-D Lloyd's k-means, independently per row, from sorted ``cent`` [R, k].
+
+    Each iteration never increases a row's squared error (assignment to the
+    nearest centroid, then centroids to their cluster means; an empty cluster
+    keeps its centroid).  Stops when no centroid moves more than ``tol`` times
+    its row's range.
+    """
     r, d = x.shape
-    qs = (np.arange(k, dtype=np.float64) + 0.5) / k
-    cent = np.quantile(x, qs, axis=1).T.astype(np.float32)  # [R, k], sorted
+    k = cent.shape[1]
+    span = np.maximum(x.max(axis=1) - x.min(axis=1), np.float32(1e-30))[:, None]
     base = (np.arange(r, dtype=np.int64) * k)[:, None]
     for _ in range(iters):
         flat = (_assign_sorted(x, cent) + base).reshape(-1)
@@ -316,9 +339,10 @@ def _lloyd_rows(x: np.ndarray, k: int, iters: int) -> np.ndarray:
         cnts = np.bincount(flat, minlength=r * k).reshape(r, k)
         new = np.where(cnts > 0, sums / np.maximum(cnts, 1), cent).astype(np.float32)
         new.sort(axis=1)
-        if np.array_equal(new, cent):
-            break
+        moved = np.max(np.abs(new - cent) / span)
         cent = new
+        if moved <= tol:
+            break
     return cent
 
 
@@ -338,21 +362,31 @@ def _lloyd_scalar(values: np.ndarray, k: int, iters: int) -> np.ndarray:
     return cent.astype(np.float32)
 
 
-def quantize_codebook(table, k: int = 16, per: str = "row", iters: int = 25,
-                      chunk_rows: int = 2048) -> CodebookTable:
+def quantize_codebook(table, k: int = 16, per: str = "row", iters: int = 25, init: str = "greedy",
+                      tol: float = 1e-4, chunk_rows: int = 2048, n_bins: int = 200,
+                      ratio: float = 0.16) -> CodebookTable:
     """Codebook (k-means) quantization of an embedding table.
 
     Args:
         table: float [rows, dim].
         k: codebook size, a power of two with ``log2 k`` in (1, 2, 4, 8) (16 -> 4-bit indices).
         per: "row" (k fp16 centroids per row) or "table" (one shared codebook).
-        iters: Lloyd iterations (stops early at convergence); init at the k
-            mid-quantiles, deterministic.
+        iters: at most this many Lloyd iterations (stops early once no centroid
+            moves more than ``tol`` times the row's range).
+        init: per-row initial centroids: "greedy" (the 2**bits levels of the
+            greedy-searched uniform grid, so the result is no worse than
+            row-wise uniform greedy quantization up to fp16 rounding of the
+            centroids), "minmax" (uniform grid over [min, max]) or "quantile".
+            Per-table clustering always starts at the k mid-quantiles.
         chunk_rows: rows clustered at once for ``per="row"``.
+        n_bins, ratio: greedy-search parameters for ``init="greedy"``.
 
     Each value is coded with the nearest fp16-rounded centroid, so the error
     measured on :meth:`CodebookTable.dequantize` is the stored table's.
     """
+    if init not in ("greedy", "minmax", "quantile"):
+        raise SpecError(f"init must be 'greedy', 'minmax' or 'quantile', got {init!r}",
+                        path="embedding.codebook.init")
     if per not in ("row", "table"):
         raise SpecError(f"per must be 'row' or 'table', got {per!r}", path="embedding.codebook.per")
     bits = int(np.log2(k)) if k > 1 else 0
@@ -374,7 +408,8 @@ def quantize_codebook(table, k: int = 16, per: str = "row", iters: int = 25,
     cents = np.empty((r, k), dtype=np.float16)
     for s in range(0, r, chunk_rows):
         x = t[s:s + chunk_rows]
-        c16 = np.sort(_lloyd_rows(x, k, iters).astype(np.float16), axis=1)
+        cent = _lloyd_rows(x, _init_rows(x, k, init, n_bins, ratio), iters, tol)
+        c16 = np.sort(cent.astype(np.float16), axis=1)
         codes = _assign_sorted(x, c16.astype(np.float32)).astype(np.uint8)
         packed[s:s + chunk_rows] = pack_codes(codes, bits)
         cents[s:s + chunk_rows] = c16

@@ -34,7 +34,7 @@ class Evaluator:
                  per_channel: bool = True, threads: int | None = None):
         self.graph, self.spec, self.per_channel, self.threads = graph, spec, per_channel, threads
         self.calib = _materialize(calib, graph.input_names)
-        self.eval = list(eval_data) if eval_data is not None else list(self.calib)
+        self.eval = [dict(b) for b in (eval_data if eval_data is not None else self.calib)]
         if not self.eval:
             raise HagoError("the evaluation data is empty")
         run_fp = float_runner(graph, threads)

@@ -54,11 +54,21 @@ class TrialLog:
         if not append or not os.path.exists(path) or os.path.getsize(path) == 0:
             with open(path, "w") as f:
                 f.write(json.dumps({"type": "header", "version": VERSION, **header}) + "\n")
-        else:  # make sure a torn last line does not glue onto the next record
-            with open(path, "rb+") as f:
-                f.seek(0, 2)
-                if f.tell() and (f.seek(-1, 2) or f.read(1) != b"\n"):
-                    f.write(b"\n")
+        else:  # drop a torn last line (the trial in flight when the process was killed)
+            with open(path) as f:
+                lines = f.read().splitlines()
+            good = []
+            for line in lines:
+                try:
+                    json.loads(line)
+                    good.append(line)
+                except ValueError:
+                    continue
+            if len(good) != len(lines):
+                tmp = path + ".tmp"
+                with open(tmp, "w") as f:
+                    f.write("\n".join(good) + "\n")
+                os.replace(tmp, path)
 
     def append(self, row: dict) -> None:
         if self.path is None:

@@ -1,0 +1,157 @@
+"""hago.search: strategies, objective, log/resume, failures, interruption, determinism, CLI."""
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+import hago
+from hago.errors import SearchError
+from hago.search import Config, load_result
+
+from builders import calib, conv_bn_net
+
+
+class FakeLatency:
+    """Deterministic 'target': integer convs are fast, float ones slow, every int/float boundary costs."""
+
+    name = "fake"
+    target_key = "fake-target"
+
+    def __init__(self, fail_on=None, interrupt_after=None):
+        self.calls = 0
+        self.fail_on = fail_on
+        self.interrupt_after = interrupt_after
+
+    def __call__(self, qg):
+        self.calls += 1
+        if self.interrupt_after is not None and self.calls > self.interrupt_after:
+            raise KeyboardInterrupt
+        nodes = qg.graph.nodes()
+        if self.fail_on and any(n.name == self.fail_on and qg.graph.region(n) == "int" for n in nodes):
+            raise RuntimeError("kernel failed to compile")
+        t = 0.0
+        for n in nodes:
+            if n.op_type in ("Conv", "Gemm"):
+                t += 1.0 if qg.graph.region(n) == "int" else 2.0
+        t += 0.05 * sum(1 for _, a in qg.graph.annotated() if a.kind == "activation")
+        return t
+
+
+@pytest.fixture(scope="module")
+def setup():
+    g = hago.load(conv_bn_net())
+    return g, calib([8, 3, 16, 16], n=3), calib([8, 3, 16, 16], n=3, seed=5)
+
+
+def _run(setup, tmp_path, **kw):
+    g, c, e = setup
+    kw.setdefault("measure", FakeLatency())
+    kw.setdefault("cache_dir", str(tmp_path / "cache"))
+    return hago.search(g, "x86_avx2", c, e, progress=False, **kw)
+
+
+@pytest.mark.parametrize("strategy", ["model", "greedy", "batched_greedy", "random"])
+def test_strategies_meet_budget(setup, tmp_path, strategy):
+    r = _run(setup, tmp_path, strategy=strategy, budget=8, max_drop=2.0)
+    assert r.best is not None
+    assert r.best.accuracy >= r.fp32_accuracy - 0.02
+    assert r.best.latency_ms <= r.fp32_latency_ms
+    measured = [t for t in r.history if t.latency_ms is not None]
+    assert 2 <= len(measured) <= 8
+    assert r.pareto and all(a.latency_ms <= b.latency_ms for a, b in zip(r.pareto, r.pareto[1:]))
+
+
+def test_greedy_is_hagos_walk(setup, tmp_path):
+    r = _run(setup, tmp_path, strategy="greedy", budget=12)
+    trials = [t for t in r.history if t.strategy == "greedy"]
+    # first trial is all edges at max bits; then the first edge walks down from max-1
+    assert trials[0].config.bits == ()
+    first_edge = trials[1].config.bits[0][0]
+    walked = [dict(t.config.bits).get(first_edge) for t in trials[1:] if len(t.config.bits) == 1 and t.config.bits[0][0] == first_edge]
+    assert walked == sorted(walked, reverse=True)
+    assert all(not t.config.float_nodes for t in trials)  # HAGO searches bits only
+
+
+def test_model_based_beats_all_int_when_boundaries_cost(setup, tmp_path):
+    r = _run(setup, tmp_path, strategy="model", budget=10, max_drop=5.0)
+    all_int = [t for t in r.history if t.config == Config.make({}, (), "mse")]
+    assert all_int and r.best.latency_ms <= all_int[0].latency_ms
+
+
+def test_deterministic_under_seed(setup, tmp_path):
+    a = _run(setup, tmp_path / "a", strategy="random", budget=6, seed=3)
+    b = _run(setup, tmp_path / "b", strategy="random", budget=6, seed=3)
+    assert [t.config.key() for t in a.history] == [t.config.key() for t in b.history]
+    assert [t.accuracy for t in a.history] == [t.accuracy for t in b.history]
+
+
+def test_log_resume_after_kill(setup, tmp_path):
+    log = str(tmp_path / "s.jsonl")
+    m1 = FakeLatency()
+    r1 = _run(setup, tmp_path, strategy="random", budget=6, seed=1, log=log, measure=m1)
+    lines = open(log).read().splitlines()
+    assert json.loads(lines[0])["type"] == "header" and len(lines) == 1 + len(r1.history)
+    # simulate kill -9 in the middle of writing the last trial
+    with open(log, "w") as f:
+        f.write("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    m2 = FakeLatency()
+    r2 = _run(setup, tmp_path / "c2", strategy="random", budget=6, seed=1, log=log, resume=True, measure=m2)
+    assert [t.config.key() for t in r2.history] == [t.config.key() for t in r1.history]
+    assert m2.calls == 1  # only the trial in flight was measured again
+    assert all(json.loads(line) for line in open(log).read().splitlines())
+
+
+def test_log_from_other_model_refused(setup, tmp_path):
+    log = str(tmp_path / "s.jsonl")
+    _run(setup, tmp_path, strategy="random", budget=3, log=log)
+    other = hago.load(conv_bn_net(seed=9))
+    with pytest.raises(SearchError, match="another model"):
+        hago.search(other, "x86_avx2", calib([8, 3, 16, 16]), None, log=log, resume=True, measure=FakeLatency(),
+                    progress=False, budget=2)
+    with pytest.raises(SearchError, match="another hardware spec"):
+        hago.search(setup[0], "x86_avx512_vnni", setup[1], None, log=log, resume=True, measure=FakeLatency(),
+                    progress=False, budget=2)
+
+
+def test_measurement_failures_do_not_stop_search(setup, tmp_path):
+    g = setup[0]
+    conv = [n.name for n in g.nodes() if n.op_type == "Conv"][0]
+    r = _run(setup, tmp_path, strategy="random", budget=8, measure=FakeLatency(fail_on=conv), seed=2)
+    failed = [t for t in r.history if t.status == "failed"]
+    assert failed and "kernel failed to compile" in failed[0].error
+    assert r.best is not None and r.best.ok
+
+
+def test_interrupt_keeps_best(setup, tmp_path):
+    r = _run(setup, tmp_path, strategy="random", budget=20, measure=FakeLatency(interrupt_after=4))
+    assert r.interrupted and r.best is not None and len(r.history) == 4
+
+
+def test_result_save_load_apply(setup, tmp_path):
+    r = _run(setup, tmp_path, strategy="model", budget=6)
+    p = r.save(str(tmp_path / "r.json"))
+    r2 = load_result(p)
+    assert r2.best.config == r.best.config
+    qg = r2.apply(setup[0])
+    x = setup[2][0]
+    out = qg.run(x)[0]
+    assert out.shape == (8, 10)
+    with pytest.raises(SearchError, match="is for model"):
+        r2.apply(hago.load(conv_bn_net(seed=4)))
+
+
+def test_cli_search(tmp_path, capsys):
+    from hago.cli import main
+
+    mp = tmp_path / "m.onnx"
+    onnx.save(conv_bn_net(), str(mp))
+    rs = np.random.RandomState(0)
+    np.savez(tmp_path / "c.npz", x=rs.randn(24, 3, 16, 16).astype(np.float32))
+    rc = main(["search", str(mp), "--spec", "x86_avx2", "--calib", str(tmp_path / "c.npz"), "--trials", "4",
+               "--measure", "onnxruntime", "--strategy", "random", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    for f in ("best.qdq.onnx", "search.jsonl", "report.md", "pareto.svg", "result.json"):
+        assert os.path.exists(tmp_path / "out" / f), f
+    assert "Pareto front" in open(tmp_path / "out" / "report.md").read()
