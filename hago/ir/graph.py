@@ -235,7 +235,9 @@ def load(path_or_proto, *, canonicalize: bool = True, opset: int = 21) -> Graph:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
         msg = str(e).strip().splitlines()
-        raise ModelError(f"{source}: invalid ONNX model: {msg[0] if msg else e}") from None
+        # outputs declared without a shape are common in exported models and harmless: shape inference fills them
+        if not (msg and "Field 'shape' of 'type' is required but missing" in msg[0]):
+            raise ModelError(f"{source}: invalid ONNX model: {msg[0] if msg else e}") from None
     except ValueError:
         pass  # > 2 GB protos cannot be checked in memory; the importer still validates structure
     try:
