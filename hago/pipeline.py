@@ -106,7 +106,7 @@ def float_runner(graph: Graph, threads: int | None = None) -> Callable[[dict], l
 def quantize(graph, spec, calib_data, *, weight_bits: int | None = None, activation_bits: int | None = None,
              per_channel: bool = True, method: str = "auto", weight_method: str = "minmax",
              symmetric_activations: bool | None = None, overrides: dict | None = None,
-             float_nodes=(), int4_storage: bool = False, threads: int | None = None,
+             float_nodes=(), sparq: str | None = "spec", int4_storage: bool = False, threads: int | None = None,
              progress=None) -> QuantizedGraph:
     """Quantize ``graph`` for ``spec`` using ``calib_data`` (iterable of ``{input_name: ndarray}``).
 
@@ -115,7 +115,10 @@ def quantize(graph, spec, calib_data, *, weight_bits: int | None = None, activat
     activation thresholds: ``minmax``, ``avg_range``, ``percentile[:p]``,
     ``kl``, ``mse``, ``lp:<p>`` or ``auto`` (the method whose network outputs
     are closest to fp32 on the calibration data). ``float_nodes`` names nodes
-    kept in float (mixed precision). Bits default to the spec's maximum and are clamped to what the
+    kept in float (mixed precision). ``sparq`` (``"bsparq"``, ``"vsparq"``, None;
+    by default what the spec's ``sparq`` section declares) trims the 8-bit codes
+    of activations entering Conv/Gemm/MatMul to 4-bit windows, bit-exactly
+    (SPARQ, Shomron et al. 2021). Bits default to the spec's maximum and are clamped to what the
     spec allows for each edge (reported in :meth:`QuantizedGraph.summary`).
     """
     from .calibrate import calibrate
@@ -135,9 +138,37 @@ def quantize(graph, spec, calib_data, *, weight_bits: int | None = None, activat
     annotate(g, spec, opts)
     report = calibrate(g, calib_data, method=method if method != "auto" else None, threads=threads,
                        progress=progress) if method != "auto" else _calibrate_auto(g, calib_data, threads, progress)
+    mark_sparq(g, spec, sparq)
     options = dataclasses.asdict(opts) | {"method": method, "int4_storage": int4_storage,
                                           "float_nodes": sorted(float_nodes)}
     return QuantizedGraph(g, spec, options, report)
+
+
+SPARQ_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def mark_sparq(g: Graph, spec: HardwareSpec, mode: str | None = "spec") -> int:
+    """Put SPARQ trimming on the calibrated uint8 activation edges with zero point 0 (non-negative, e.g. after
+    ReLU) that feed multipliers (Conv/Gemm/MatMul)."""
+    if mode == "spec":
+        if not spec.sparq:
+            return 0
+        mode = "vsparq" if spec.sparq.get("pairs", True) else "bsparq"
+    if not mode:
+        return 0
+    if mode not in ("bsparq", "vsparq"):
+        raise HagoError(f"sparq={mode!r}: use 'bsparq', 'vsparq' or None")
+    cfg = {"mode": mode, "window_bits": (spec.sparq or {}).get("window_bits", 4),
+           "placements": (spec.sparq or {}).get("placements", 5), "pair_axis": 1}
+    n = 0
+    for v, a in g.annotated():
+        if a.kind == "activation" and a.dtype == "uint8" and a.bits == 8 and a.zero_point is not None \
+                and int(a.zero_point) == 0 and any(
+                u.node.op_type in SPARQ_OPS and u.idx == 0 for u in v.uses()):
+            a.sparq = dict(cfg)
+            n += 1
+    g.history.append(f"sparq: {mode} on {n} edges")
+    return n
 
 
 AUTO_METHODS = ("minmax", "percentile:99.99", "percentile:99.9", "mse", "kl")

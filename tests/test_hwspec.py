@@ -10,7 +10,8 @@ from hago.errors import SpecError
 from hago.hwspec import list_shipped_specs, load_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED = ["x86_avx2", "x86_avx512_vnni", "cuda_sm80", "arm_cortex_a72", "hago_accelerator", "hago_accelerator_int16"]
+SHIPPED = ["x86_avx2", "x86_avx512_vnni", "cuda_sm80", "arm_cortex_a72", "hago_accelerator", "hago_accelerator_int16",
+           "sparq_accelerator"]
 
 
 def test_shipped_specs_load():

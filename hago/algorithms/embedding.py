@@ -304,7 +304,10 @@ def _assign_sorted(x: np.ndarray, cent: np.ndarray) -> np.ndarray:
     """Nearest centroid index for rows ``x`` [R, D] given sorted centroids ``cent`` [R, k]."""
     mids = 0.5 * (cent[:, 1:] + cent[:, :-1])  # [R, k-1]
     # index = number of midpoints strictly below x (nearest, ties to the lower centroid)
-    return (x[:, :, None] > mids[:, None, :]).sum(axis=2)
+    out = np.zeros(x.shape, dtype=np.uint8)
+    for j in range(mids.shape[1]):
+        out += x > mids[:, j:j + 1]
+    return out
 
 
 def _init_rows(x: np.ndarray, k: int, init: str, n_bins: int, ratio: float) -> np.ndarray:
@@ -334,7 +337,7 @@ def _lloyd_rows(x: np.ndarray, cent: np.ndarray, iters: int, tol: float) -> np.n
     span = np.maximum(x.max(axis=1) - x.min(axis=1), np.float32(1e-30))[:, None]
     base = (np.arange(r, dtype=np.int64) * k)[:, None]
     for _ in range(iters):
-        flat = (_assign_sorted(x, cent) + base).reshape(-1)
+        flat = (_assign_sorted(x, cent) + base).reshape(-1)  # int64 via base
         sums = np.bincount(flat, weights=x.reshape(-1), minlength=r * k).reshape(r, k)
         cnts = np.bincount(flat, minlength=r * k).reshape(r, k)
         new = np.where(cnts > 0, sums / np.maximum(cnts, 1), cent).astype(np.float32)
@@ -362,7 +365,7 @@ def _lloyd_scalar(values: np.ndarray, k: int, iters: int) -> np.ndarray:
     return cent.astype(np.float32)
 
 
-def quantize_codebook(table, k: int = 16, per: str = "row", iters: int = 25, init: str = "greedy",
+def quantize_codebook(table, k: int = 16, per: str = "row", iters: int = 15, init: str = "greedy",
                       tol: float = 1e-4, chunk_rows: int = 2048, n_bins: int = 200,
                       ratio: float = 0.16) -> CodebookTable:
     """Codebook (k-means) quantization of an embedding table.

@@ -984,7 +984,8 @@ class _Lowering:
                                               max(q.qmax for q in qs), nodes)
             self.record(node, "integer", "concat of tensors on the same grid", nodes)
             return
-        parts = [qs[i] if qs else v for i, v in enumerate(ins)]
+        parts = [qs[i] if qs else (self.as_qv(v, f"Concat input {node.input[i]!r}") if isinstance(v, _Const) else v)
+                 for i, v in enumerate(ins)]
         self.values[node.output[0]] = _ConcatV(parts, axis, tuple(out_shape), nodes)
         self.record(node, "integer", "concat; inputs requantized to the output scale", nodes)
 

@@ -31,6 +31,11 @@ import numpy as np
 from hago.errors import HagoError, ModelError
 
 PIP_PACKAGE = "rapidocr-onnxruntime"
+
+
+class OCRDataError(HagoError, ValueError):
+    """Arguments of the OCR harness do not fit together (shapes, lengths, class counts)."""
+
 MODEL_RELPATH = os.path.join("models", "ch_PP-OCRv4_rec_infer.onnx")
 
 HEIGHT = 48
@@ -46,22 +51,30 @@ MIXED = "".join(c for c in LOWER + UPPER + DIGITS if c not in "0Oo1Il")
 
 # --------------------------------------------------------------------- model
 def model_path() -> str:
-    """Path of the PP-OCRv4 recognition model installed with `rapidocr-onnxruntime`."""
+    """Path of the PP-OCRv4 recognition model installed with `rapidocr-onnxruntime`.
+
+    The package is located without importing it (its import pulls in OpenCV).
+    """
+    import importlib.util
+
     try:
-        import rapidocr_onnxruntime  # noqa: F401  (the import locates the wheel)
-    except ImportError as e:
+        spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    except (ImportError, ValueError):
+        spec = None
+    dirs = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not dirs:
         raise HagoError(
             f"the PP-OCRv4 recognition model comes with the pip package '{PIP_PACKAGE}', "
-            f"which is not installed ({e}); install it with `pip install {PIP_PACKAGE}`"
-        ) from None
-    pkg = os.path.dirname(os.path.abspath(rapidocr_onnxruntime.__file__))
-    path = os.path.join(pkg, MODEL_RELPATH)
-    if not os.path.isfile(path):
-        raise HagoError(
-            f"{path}: the PP-OCRv4 recognition model is missing from the installed pip package "
-            f"'{PIP_PACKAGE}'; reinstall it with `pip install --force-reinstall {PIP_PACKAGE}`"
+            f"which is not installed; install it with `pip install {PIP_PACKAGE}`"
         )
-    return path
+    for d in dirs:
+        path = os.path.join(d, MODEL_RELPATH)
+        if os.path.isfile(path):
+            return path
+    raise HagoError(
+        f"{os.path.join(dirs[0], MODEL_RELPATH)}: the PP-OCRv4 recognition model is missing from the "
+        f"installed pip package '{PIP_PACKAGE}'; reinstall it with `pip install --force-reinstall {PIP_PACKAGE}`"
+    )
 
 
 def _model_bytes(model) -> bytes | str:
@@ -78,11 +91,17 @@ def _model_bytes(model) -> bytes | str:
     raise ModelError(f"expected a model path, an onnx.ModelProto or serialized bytes, got {type(model).__name__}")
 
 
-def _session(model, threads: int | None = None):
+def _where(model) -> str:
+    return os.fspath(model) if isinstance(model, (str, os.PathLike)) else "<in-memory model>"
+
+
+def _session(model, threads: int | None = None, optimize: bool = True):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not optimize:  # metadata / input names only
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
@@ -90,32 +109,39 @@ def _session(model, threads: int | None = None):
     try:
         return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
-        where = src if isinstance(src, str) else "<in-memory model>"
-        raise ModelError(f"{where}: onnxruntime cannot load the model: {e}") from None
+        raise ModelError(f"{_where(model)}: onnxruntime cannot load the model: {e}") from None
 
 
 def input_name(model=None) -> str:
-    """Name of the model's (single) image input; the installed PP-OCRv4 model when None."""
-    sess = _session(model_path() if model is None else model)
-    return sess.get_inputs()[0].name
+    """Name of the model's image input (``"x"``); the installed PP-OCRv4 model when None."""
+    sess = _session(model_path() if model is None else model, optimize=False)
+    inputs = sess.get_inputs()
+    if len(inputs) != 1:
+        raise ModelError(f"{_where(model)}: expected one image input, the model has {[i.name for i in inputs]}")
+    return inputs[0].name
 
 
-def charset(model=None) -> list[str]:
-    """The model's character list, index-aligned with its output classes.
-
-    Mirrors rapidocr_onnxruntime: the dictionary is the ``character`` entry of the
-    ONNX metadata, split with ``str.splitlines()``; a space is appended at the
-    end and the CTC blank (written ``"blank"``) is inserted at index 0.
-    """
-    model = model_path() if model is None else model
-    meta = _session(model).get_modelmeta().custom_metadata_map
+def _charset_from_meta(meta: dict, model) -> list[str]:
     if "character" not in meta:
-        where = model if isinstance(model, (str, os.PathLike)) else "<in-memory model>"
-        raise ModelError(f"{where}: the model has no 'character' metadata entry (not a PP-OCR recogniser?)")
+        raise ModelError(
+            f"{_where(model)}: the model has no 'character' metadata entry (not a PP-OCR recogniser, "
+            "or its metadata_props were dropped)")
     chars = meta["character"].splitlines()
     chars.append(" ")
     chars.insert(0, "blank")
     return chars
+
+
+def charset(model=None) -> list[str]:
+    """The model's character list, index-aligned with its output classes (6,625 for PP-OCRv4).
+
+    Mirrors rapidocr_onnxruntime (``OrtInferSession.get_character_list`` and
+    ``CTCLabelDecode.get_character``): the dictionary is the ``character`` entry
+    of the ONNX metadata split with ``str.splitlines()``; a space is appended at
+    the end and the CTC blank (written ``"blank"``) is inserted at index 0.
+    """
+    model = model_path() if model is None else model
+    return _charset_from_meta(_session(model, optimize=False).get_modelmeta().custom_metadata_map, model)
 
 
 # ------------------------------------------------------------------ decoding
@@ -123,9 +149,9 @@ def decode(logits: np.ndarray, chars: Sequence[str]) -> list[str]:
     """Greedy CTC decoding of ``logits`` [N, T, C]: argmax, merge repeats, drop blank (index 0)."""
     logits = np.asarray(logits)
     if logits.ndim != 3:
-        raise ValueError(f"decode expects logits of shape [N, T, C], got {logits.shape}")
+        raise OCRDataError(f"decode expects logits of shape [N, T, C], got {logits.shape}")
     if logits.shape[2] != len(chars):
-        raise ValueError(f"logits have {logits.shape[2]} classes but the charset has {len(chars)}")
+        raise OCRDataError(f"logits have {logits.shape[2]} classes but the charset has {len(chars)}")
     idx = logits.argmax(axis=2)
     out = []
     for row in idx:
@@ -154,10 +180,10 @@ def edit_distance(a: Sequence, b: Sequence) -> int:
 def char_accuracy(preds: Sequence[str], texts: Sequence[str]) -> float:
     """``1 - sum(edit distance) / sum(len(text))``, clipped at 0."""
     if len(preds) != len(texts):
-        raise ValueError(f"{len(preds)} predictions for {len(texts)} texts")
+        raise OCRDataError(f"{len(preds)} predictions for {len(texts)} texts")
     total = sum(len(t) for t in texts)
     if total == 0:
-        raise ValueError("the reference texts are all empty")
+        raise OCRDataError("the reference texts are all empty")
     dist = sum(edit_distance(p, t) for p, t in zip(preds, texts))
     return max(0.0, 1.0 - dist / total)
 
@@ -299,7 +325,7 @@ def _resize_norm(img: np.ndarray, height: int, width: int) -> np.ndarray:
 def dataset(n: int = 300, seed: int = 0, height: int = HEIGHT, width: int = WIDTH):
     """``n`` deterministic text lines: (images float32 [n, 3, height, width], texts)."""
     if n < 1:
-        raise ValueError(f"dataset needs n >= 1, got {n}")
+        raise OCRDataError(f"dataset needs n >= 1, got {n}")
     rng = np.random.default_rng(seed)
     images = np.empty((n, 3, height, width), dtype=np.float32)
     texts = []
@@ -332,7 +358,12 @@ def predict(model, images: np.ndarray, batch_size: int = 16, threads: int | None
     name = sess.get_inputs()[0].name
     if chars is None:
         meta = sess.get_modelmeta().custom_metadata_map
-        chars = charset(model if "character" in meta else model_path())
+        # A rewritten (e.g. quantized) model may have lost the metadata: use the
+        # installed model's dictionary then; `decode` checks the class count.
+        chars = _charset_from_meta(meta, model) if "character" in meta else charset()
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise OCRDataError(f"images must have shape [N, 3, H, W], got {images.shape}")
     preds: list[str] = []
     for i in range(0, len(images), batch_size):
         out = sess.run(None, {name: np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)})[0]
@@ -343,6 +374,8 @@ def predict(model, images: np.ndarray, batch_size: int = 16, threads: int | None
 def evaluate(model, images: np.ndarray, texts: Sequence[str], batch_size: int = 16,
              threads: int | None = None) -> float:
     """Character accuracy of ``model`` (path, ModelProto or bytes) on ``images`` / ``texts``."""
+    if len(images) != len(texts):
+        raise OCRDataError(f"{len(images)} images but {len(texts)} texts")
     return char_accuracy(predict(model, images, batch_size, threads), texts)
 
 

@@ -53,6 +53,7 @@ class EdgeAnnotation:
     zero_point: Any = None
     fixed: bool = False  # range fixed by the spec (e.g. Softmax output in [0, 1]); calibration leaves it
     tied_to: str | None = None  # reuse this edge's scale/zero point (outputs of MaxPool, Reshape, Relu...)
+    sparq: dict | None = None  # SPARQ trimming of the 8-bit codes: {"mode": "bsparq"|"vsparq", "window_bits", "placements", "pair_axis"}
     note: str = ""
 
     def __post_init__(self):

@@ -51,6 +51,64 @@ def _scale_zp(ann: EdgeAnnotation, name: str, container: str):
     return scale, zp.astype(_NP_DTYPE.get(container, np.int8) if container not in ("int4", "uint4") else np.int64)
 
 
+def sparq_luts(cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """256-entry tables of the bSPARQ-trimmed code and of the code kept when its pair neighbour is zero."""
+    from ..algorithms.sparq import bsparq, vsparq
+
+    codes = np.arange(256, dtype=np.int64)
+    wb, pl, rnd = cfg.get("window_bits", 4), cfg.get("placements", 5), cfg.get("rounding", True)
+    trimmed = bsparq(codes, window_bits=wb, placements=pl, rounding=rnd).astype(np.int64)
+    pairs = np.stack([codes, np.zeros_like(codes)], axis=1)
+    wide = vsparq(pairs, pair_axis=1, window_bits=wb, placements=pl, rounding=rnd)[0][:, 0].astype(np.int64)
+    return trimmed, wide
+
+
+def _sparq_nodes(name: str, ann: EdgeAnnotation, nodes: list, inits: list, graph: Graph) -> str:
+    """Bit-exact SPARQ on the uint8 codes: a 256-entry lookup (bSPARQ), and for vSPARQ a neighbour test per pair."""
+    trimmed, wide = sparq_luts(ann.sparq)
+    p = name + "__sparq"
+    inits += [_tensor(p + "_lut", trimmed.astype(np.uint8)), _tensor(p + "_wide", wide.astype(np.uint8))]
+    nodes.append(helper.make_node("Cast", [name + "__q"], [p + "_i"], to=onnx.TensorProto.INT64, name=p + "_Cast"))
+    nodes.append(helper.make_node("Gather", [p + "_lut", p + "_i"], [p + "_b"], axis=0, name=p + "_Lut"))
+    if ann.sparq.get("mode") != "vsparq":
+        return p + "_b"
+    axis = int(ann.sparq.get("pair_axis", 1))
+    shape = graph.value(name).shape
+    c = shape[axis] if shape is not None and len(shape) > axis else None
+    if not isinstance(c, int):
+        raise ModelError(f"edge {name!r}: vSPARQ pairs channels along axis {axis}, whose size must be static")
+    src = name + "__q"
+    if c % 2:  # an odd tail pairs with an implicit zero, as the reference kernel does
+        rank = len(shape)
+        pads = [0] * (2 * rank)
+        pads[rank + axis] = 1
+        inits.append(_tensor(p + "_pads", np.array(pads, np.int64)))
+        nodes.append(helper.make_node("Pad", [src, p + "_pads"], [p + "_padded"], name=p + "_Pad"))
+        src = p + "_padded"
+    # neighbour of channel 2k is 2k+1 and vice versa: swap the two halves of each pair
+    inits += [_tensor(p + "_s0", np.array([0], np.int64)), _tensor(p + "_s1", np.array([1], np.int64)),
+              _tensor(p + "_end", np.array([2**31], np.int64)), _tensor(p + "_ax", np.array([axis], np.int64)),
+              _tensor(p + "_two", np.array([2], np.int64)), _tensor(p + "_ax1", np.array([axis + 1], np.int64))]
+    nodes += [helper.make_node("Slice", [src, p + "_s0", p + "_end", p + "_ax", p + "_two"], [p + "_even"], name=p + "_Even"),
+              helper.make_node("Slice", [src, p + "_s1", p + "_end", p + "_ax", p + "_two"], [p + "_odd"], name=p + "_Odd"),
+              helper.make_node("Unsqueeze", [p + "_even", p + "_ax1"], [p + "_eu"], name=p + "_EU"),
+              helper.make_node("Unsqueeze", [p + "_odd", p + "_ax1"], [p + "_ou"], name=p + "_OU"),
+              helper.make_node("Concat", [p + "_ou", p + "_eu"], [p + "_swap"], axis=axis + 1, name=p + "_Swap"),
+              helper.make_node("Shape", [src], [p + "_shape"], name=p + "_Shape"),
+              helper.make_node("Reshape", [p + "_swap", p + "_shape"], [p + "_nb"], name=p + "_Nb")]
+    if c % 2:
+        inits.append(_tensor(p + "_c", np.array([c], np.int64)))
+        nodes.append(helper.make_node("Slice", [p + "_nb", p + "_s0", p + "_c", p + "_ax"], [p + "_nbc"], name=p + "_NbC"))
+        nb = p + "_nbc"
+    else:
+        nb = p + "_nb"
+    inits.append(_tensor(p + "_zero", np.array(0, np.uint8)))
+    nodes += [helper.make_node("Equal", [nb, p + "_zero"], [p + "_nbzero"], name=p + "_NbZero"),
+              helper.make_node("Gather", [p + "_wide", p + "_i"], [p + "_w"], axis=0, name=p + "_Wide"),
+              helper.make_node("Where", [p + "_nbzero", p + "_w", p + "_b"], [p + "_v"], name=p + "_Where")]
+    return p + "_v"
+
+
 def to_qdq(graph: Graph, *, int4_storage: bool = False) -> onnx.ModelProto:
     """The annotated graph as a QDQ ONNX ModelProto (the float graph is not modified)."""
     model = graph.to_onnx()
@@ -95,7 +153,10 @@ def to_qdq(graph: Graph, *, int4_storage: bool = False) -> onnx.ModelProto:
                 src = name + "__clip"
             new_inits += [_tensor(sname, scale), _tensor(zname, zp, container)]
             nodes.append(_meta(helper.make_node("QuantizeLinear", [src, sname, zname], [name + "__q"], name=name + "__Q"), ann))
-            nodes.append(_meta(helper.make_node("DequantizeLinear", [name + "__q", sname, zname], [name + "__dq"], name=name + "__DQ"), ann))
+            qout = name + "__q"
+            if ann.sparq and float(zp) == 0 and container == "uint8":
+                qout = _sparq_nodes(name, ann, nodes, new_inits, graph)
+            nodes.append(_meta(helper.make_node("DequantizeLinear", [qout, sname, zname], [name + "__dq"], name=name + "__DQ"), ann))
         else:  # simulated quantizer for containers QuantizeLinear lacks (int32)
             zpf = np.asarray(zp, np.float32)
             new_inits += [_tensor(sname, scale), _tensor(zname, zpf),
