@@ -106,7 +106,7 @@ def apply_ranges(graph: Graph, observers: dict, *, method: str | None = None, we
         lo, hi = observers[v.name].range(a.method, a)
         a.set_range(lo, hi)
     for v, a in graph.annotated():
-        if a.kind == "weight":
+        if a.kind == "weight" and not a.fixed:
             if weight_method:
                 a.method = weight_method
             w = Graph.const(v)

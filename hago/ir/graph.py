@@ -145,15 +145,15 @@ class Graph:
         src_vals = {v.name: v for v in self.values()}
         for v in g.values():
             old = src_vals.get(v.name)
-            if old is not None and ANN_KEY in old.meta:
-                v.meta[ANN_KEY] = old.meta[ANN_KEY].copy()
+            if old is not None:
+                for k, val in old.meta.items():
+                    v.meta[k] = val.copy() if isinstance(val, EdgeAnnotation) else val
         src_nodes = {n.name: n for n in self.graph}
         for n in g.graph:
             old = src_nodes.get(n.name)
             if old is not None:
-                for k in (REGION_KEY, SIGNATURE_KEY, REASON_KEY):
-                    if k in old.meta:
-                        n.meta[k] = old.meta[k]
+                for k, val in old.meta.items():
+                    n.meta[k] = val
         return g
 
     def hash(self) -> str:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 import onnx_ir as ir
 
 from ..errors import HagoError
@@ -95,6 +97,12 @@ def annotate(graph: Graph, spec: HardwareSpec, options: AnnotateOptions | None =
                         notes.append(f"{v.name}: override asks {ann.bits} bits, spec {spec.name} allows {lo}-{hi}; "
                                      f"using {min(max(ann.bits, lo), hi)}")
                         ann = ann.copy(bits=min(max(ann.bits, lo), hi))
+            grid = v.meta.get("hago.weight_grid") if ann.kind == "weight" else None
+            if grid is not None:  # multipoint: the weight is on a fixed per-channel grid
+                ann = ann.copy(bits=grid["bits"], axis=grid["axis"], symmetric=True, narrow=True, fixed=True,
+                               method="multipoint")
+                ann.scale = np.asarray(grid["scale"], np.float32)
+                ann.zero_point = np.zeros(len(ann.scale), np.int64)
             old = graph.annotation(v)
             if old is not None:
                 if old.dtype != ann.dtype or old.kind != ann.kind:

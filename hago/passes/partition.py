@@ -77,6 +77,8 @@ def partition(graph: Graph, spec: HardwareSpec, force_float: set[str] | frozense
         opspec = spec.op(op) if node.domain in ("", "ai.onnx") else None
         if node.name in force_float:
             reason = "kept float by request (mixed precision)"
+        elif node.meta.get("hago.multipoint_sum"):
+            reason = "sums multipoint branches (dequantized accumulators, no requantization)"
         elif op in CONTROL_FLOW:
             reason = "control flow stays float (its subgraphs are not quantized)"
         elif opspec is None:
