@@ -1,6 +1,6 @@
 """Accuracy harness for the real PP-OCRv4 text recogniser that `rapidocr-onnxruntime` ships.
 
-    python -m hago.examples.ocr [--n 300] [--model path.onnx] [--threads N]
+    python -m hago.examples.ocr [model.onnx ...] [--n 300] [--threads N] [--show K]
 
 The model (``rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx``, real
 weights, an SVTR-LCNet CTC recogniser with 6,625 classes) reads one text line
@@ -31,22 +31,22 @@ import numpy as np
 from hago.errors import HagoError, ModelError
 
 PIP_PACKAGE = "rapidocr-onnxruntime"
-
-
-class OCRDataError(HagoError, ValueError):
-    """Arguments of the OCR harness do not fit together (shapes, lengths, class counts)."""
-
 MODEL_RELPATH = os.path.join("models", "ch_PP-OCRv4_rec_infer.onnx")
 
 HEIGHT = 48
 WIDTH = 320
 
-# Characters the generated lines draw from. All are in the model's dictionary
-# (checked by `dataset`); no spaces inside random codes, spaces only between words.
+# Characters the generated lines draw from (plus the punctuation -.,:/#%()+=&
+# and single spaces between words). All are in the model's dictionary
+# (tests/test_ocr_harness.py checks it).
 LOWER = "abcdefghijklmnopqrstuvwxyz"
 UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 DIGITS = "0123456789"
 MIXED = "".join(c for c in LOWER + UPPER + DIGITS if c not in "0Oo1Il")
+
+
+class OCRDataError(HagoError, ValueError):
+    """Arguments of the OCR harness do not fit together (shapes, lengths, class counts)."""
 
 
 # --------------------------------------------------------------------- model
@@ -100,7 +100,9 @@ def _session(model, threads: int | None = None, optimize: bool = True):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if not optimize:  # metadata / input names only
+    if optimize == "basic":  # exact QDQ simulation: constant folding only, no QDQ fusion
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    elif not optimize:  # metadata / input names only
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = int(threads)
@@ -286,8 +288,8 @@ def _render(text: str, rng: np.random.Generator) -> np.ndarray:
 
     size = int(rng.integers(26, 41))
     font = _font(size)
-    x0, y0, x1, y1 = font.getbbox(text)
-    tw, th = x1 - x0, y1 - y0
+    x0, _, x1, _ = font.getbbox(text)
+    tw = x1 - x0
     # The crop a text detector would hand the recogniser: the line's ink plus margins.
     asc, desc = (font.getmetrics() if hasattr(font, "getmetrics") else (size, size // 4))
     line_h = asc + desc
@@ -323,7 +325,17 @@ def _resize_norm(img: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def dataset(n: int = 300, seed: int = 0, height: int = HEIGHT, width: int = WIDTH):
-    """``n`` deterministic text lines: (images float32 [n, 3, height, width], texts)."""
+    """``n`` deterministic text lines: (images float32 [n, 3, height, width], texts).
+
+    Each line (4..20 characters: syllable words, numbers, dates, times, prices,
+    codes, mixed alphanumerics, punctuation) is rendered with Pillow's built-in
+    scalable font at 26..40 px, dark gray (0..70) on light gray (215..255), with
+    random margins and a mild blur on some lines, as the crop a detector would
+    give. It is then preprocessed as rapidocr does: resized to ``height``
+    keeping its aspect ratio (squeezed to ``width`` if wider), scaled to
+    ``(x/255 - 0.5)/0.5`` in CHW order (gray, so BGR == RGB) and right-padded
+    with 0 up to ``width``. The same seed gives identical arrays.
+    """
     if n < 1:
         raise OCRDataError(f"dataset needs n >= 1, got {n}")
     rng = np.random.default_rng(seed)
@@ -347,14 +359,14 @@ def calib_batches(n: int = 32, seed: int = 1, batch_size: int = 8, height: int =
 
 # ----------------------------------------------------------------- evaluation
 def predict(model, images: np.ndarray, batch_size: int = 16, threads: int | None = None,
-            chars: Sequence[str] | None = None, strip: bool = True) -> list[str]:
+            chars: Sequence[str] | None = None, strip: bool = True, optimize=True) -> list[str]:
     """Greedy-decoded strings for ``images`` [N, 3, H, W] through ``model`` (onnxruntime CPU).
 
     With ``strip`` (the default) leading and trailing spaces are removed: the
     reference lines never have them, and the model tends to read a space into
     the blank margin of a crop, which is not a misread character.
     """
-    sess = _session(model, threads)
+    sess = _session(model, threads, optimize)
     name = sess.get_inputs()[0].name
     if chars is None:
         meta = sess.get_modelmeta().custom_metadata_map
@@ -372,34 +384,37 @@ def predict(model, images: np.ndarray, batch_size: int = 16, threads: int | None
 
 
 def evaluate(model, images: np.ndarray, texts: Sequence[str], batch_size: int = 16,
-             threads: int | None = None) -> float:
+             threads: int | None = None, optimize=True) -> float:
     """Character accuracy of ``model`` (path, ModelProto or bytes) on ``images`` / ``texts``."""
     if len(images) != len(texts):
         raise OCRDataError(f"{len(images)} images but {len(texts)} texts")
-    return char_accuracy(predict(model, images, batch_size, threads), texts)
+    return char_accuracy(predict(model, images, batch_size, threads, optimize=optimize), texts)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="ONNX model (default: the installed PP-OCRv4 recogniser)")
-    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("models", nargs="*", help="ONNX models to score (default: the installed PP-OCRv4 recogniser)")
+    ap.add_argument("--n", type=int, default=300, help="test lines")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--show", type=int, default=0, help="print this many mistakes")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    ap.add_argument("--show", type=int, default=0, help="print this many misread lines per model")
     args = ap.parse_args(argv)
-    model = args.model or model_path()
+    models = args.models or [model_path()]
     t0 = time.perf_counter()
     images, texts = dataset(args.n, seed=args.seed)
-    t1 = time.perf_counter()
-    preds = predict(model, images, threads=args.threads)
-    t2 = time.perf_counter()
-    acc = char_accuracy(preds, texts)
-    wrong = [(t, p) for t, p in zip(texts, preds) if t != p]
-    for t, p in wrong[: args.show]:
-        print(f"  {t!r:24} -> {p!r}")
-    print(f"model          {model}")
-    print(f"char accuracy  {acc:.4f} on {args.n} lines ({len(texts) - len(wrong)} exact)")
-    print(f"time           data {t1 - t0:.1f} s, inference+decode {t2 - t1:.1f} s")
+    print(f"data           {args.n} lines (seed {args.seed}) in {time.perf_counter() - t0:.1f} s")
+    for model in models:
+        t1 = time.perf_counter()
+        preds = predict(model, images, batch_size=args.batch_size, threads=args.threads)
+        dt = time.perf_counter() - t1
+        acc = char_accuracy(preds, texts)
+        wrong = [(t, p) for t, p in zip(texts, preds) if t != p]
+        print(f"model          {model}")
+        print(f"char accuracy  {acc:.4f} ({len(texts) - len(wrong)}/{len(texts)} lines exact); "
+              f"inference+decode {dt:.1f} s")
+        for t, p in wrong[: args.show]:
+            print(f"    {t!r:24} -> {p!r}")
     return 0
 
 
