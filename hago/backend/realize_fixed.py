@@ -38,23 +38,24 @@ def dtype_range(dtype: str) -> tuple[int, int]:
     return int(info.min), int(info.max)
 
 
-def quantize_multiplier(m: np.ndarray, *, where: str = "") -> tuple[np.ndarray, np.ndarray]:
+def quantize_multiplier(m: np.ndarray, *, where: str = "", bits: int = MULT_BITS) -> tuple[np.ndarray, np.ndarray]:
     """Decompose real multipliers ``m`` into ``(m0, shift)`` with ``m ~= m0 * 2**-shift``.
 
-    ``m0`` is a signed 31-bit integer (``2**30 <= |m0| <= 2**31 - 1`` unless ``m`` is 0 or tiny) and
-    ``shift`` an integer >= 1 (``shift`` is capped at :data:`MAX_SHIFT`, which only loses precision for
+    ``m0`` is a signed `bits`-bit integer (``2**(bits-1) <= |m0| <= 2**bits - 1`` unless ``m`` is 0 or tiny;
+    31 by default, fewer when the value it multiplies is wider than 32 bits, so that the int64 product cannot
+    overflow) and ``shift`` an integer >= 1 (capped at :data:`MAX_SHIFT`, which only loses precision for
     multipliers below ``2**-31``, whose results round to 0 anyway). Both are int64 arrays of ``m``'s shape.
     """
     m = np.asarray(m, dtype=np.float64)
     if not np.all(np.isfinite(m)):
         raise CompileError(f"{where}: requantize multiplier is not finite ({m.ravel()[:4]}...)")
     frac, exp = np.frexp(m)  # m = frac * 2**exp, 0.5 <= |frac| < 1
-    m0 = np.round(frac * (1 << MULT_BITS)).astype(np.int64)
+    m0 = np.round(frac * (1 << bits)).astype(np.int64)
     exp = exp.astype(np.int64)
-    full = np.abs(m0) == (1 << MULT_BITS)
+    full = np.abs(m0) == (1 << bits)
     m0 = np.where(full, m0 // 2, m0)
     exp = np.where(full, exp + 1, exp)
-    shift = MULT_BITS - exp
+    shift = bits - exp
     zero = m0 == 0
     shift = np.where(zero, 1, shift)
     if np.any(shift < 1):
