@@ -155,3 +155,27 @@ def test_cli_search(tmp_path, capsys):
     for f in ("best.qdq.onnx", "search.jsonl", "report.md", "pareto.svg", "result.json"):
         assert os.path.exists(tmp_path / "out" / f), f
     assert "Pareto front" in open(tmp_path / "out" / "report.md").read()
+
+
+def test_latency_model_ranks_held_out_configs(setup):
+    """The latency model learns a latency that is additive over layers plus border costs (a stand-in for the
+    target) from 30 configs and ranks 20 held-out ones."""
+    from hago.search.latency import FeatureMap, LatencyModel, spearman
+    from hago.search.space import build_space
+
+    g = setup[0]
+    space = build_space(g, hago.load_spec("x86_avx2"))
+    fm = FeatureMap(g, space)
+    rs = np.random.RandomState(0)
+    cost = {n: rs.uniform(0.5, 3.0) for n in space.nodes}
+    cfgs, y = [], []
+    for _ in range(50):
+        fl = [n for n in space.nodes if rs.rand() < rs.rand()]
+        c = Config.make({}, fl, "mse", space)
+        f = fm(c)
+        y.append(sum(cost[n] * (2.0 if n in fl else 1.0) for n in space.nodes) + 0.3 * f[len(space.nodes) + 8]
+                 + rs.normal(0, 0.05))
+        cfgs.append(c)
+    X = np.stack([fm(c) for c in cfgs])
+    m = LatencyModel().fit(X[:30], np.array(y[:30]))
+    assert spearman(m.predict(X[30:]), np.array(y[30:])) >= 0.9

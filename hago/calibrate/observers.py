@@ -153,7 +153,9 @@ def kl_range(hist, edges, ann: EdgeAnnotation, stride: int = 8) -> tuple[float, 
         h = np.bincount(idx, weights=hist, minlength=bins)
         top = amax
     else:
-        h, top = hist, hi
+        h, top = hist.copy(), hi
+    # exact zeros (the ReLU spike) are represented exactly at any threshold: leave them out of the divergence
+    h[0] = 0  # bin 0 holds |x| < top/bins, which rounds to 0 at any threshold considered
     nq = 2 ** (ann.bits - 1) if ann.signed or (lo < 0 < hi) else 2**ann.bits
     nq = min(nq, bins)
     best_kl, best_i = np.inf, bins

@@ -167,26 +167,45 @@ class FeatureMap:
 
 
 class LatencyModel:
-    """xgboost regression of log-latency on config features."""
+    """Latency model: a ridge regression of latency on the config features (latency is close to additive over
+    layers, so this is right with few measurements), plus xgboost trees on its log-residuals (what is not
+    additive: fusion, cache effects, layout changes at int/float borders)."""
 
-    def __init__(self, seed: int = 0):
-        self.seed = seed
+    def __init__(self, seed: int = 0, ridge: float = 1e-3):
+        self.seed, self.ridge = seed, ridge
         self.model = None
+        self.coef = None
         self.n = 0
+
+    def _design(self, X):
+        X = np.asarray(X, dtype=np.float64)
+        return np.hstack([X, np.ones((len(X), 1))])
 
     def fit(self, X: np.ndarray, y_ms: np.ndarray) -> "LatencyModel":
         import xgboost as xgb
 
-        self.model = xgb.XGBRegressor(n_estimators=150, max_depth=4, learning_rate=0.1, subsample=1.0,
+        A = self._design(X)
+        y = np.asarray(y_ms, dtype=np.float64)
+        self.mu = A.mean(axis=0)
+        self.sd = A.std(axis=0) + 1e-9
+        self.sd[-1] = 1.0
+        self.mu[-1] = 0.0
+        An = (A - self.mu) / self.sd
+        self.coef = np.linalg.solve(An.T @ An + self.ridge * len(y) * np.eye(An.shape[1]), An.T @ y)
+        base = np.maximum(An @ self.coef, 1e-6)
+        resid = np.log(y) - np.log(base)
+        self.model = xgb.XGBRegressor(n_estimators=120, max_depth=3, learning_rate=0.05, subsample=1.0,
                                       random_state=self.seed, n_jobs=1, verbosity=0)
-        self.model.fit(np.asarray(X), np.log(np.asarray(y_ms)))
-        self.n = len(y_ms)
+        self.model.fit(np.asarray(X), resid)
+        self.n = len(y)
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         if self.model is None:
             raise HagoError("the latency model is not trained yet")
-        return np.exp(self.model.predict(np.asarray(X)))
+        An = (self._design(X) - self.mu) / self.sd
+        base = np.maximum(An @ self.coef, 1e-6)
+        return base * np.exp(self.model.predict(np.asarray(X)))
 
 
 def spearman(a, b) -> float:
