@@ -159,7 +159,7 @@ def run(n_sentences: int = 300, with_model: bool = True, verbose: bool = True) -
             hdr += f" {'cos_mean':>9} {'cos_min':>8}"
         print(hdr)
         for r in rows:
-            line = (f"{r['method']:<18} {r['rel_fro']:8.5f} {r['row_L2']:8.5f} {100 * r['ratio']:8.2f}% "
+            line = (f"{r['method']:<18} {r['rel_fro']:8.5f} {r['row_l2']:8.5f} {100 * r['ratio']:8.2f}% "
                     f"{r['nbytes'] / 2**20:6.2f} {r['secs']:6.2f}")
             if with_model:
                 line += f" {r['cos_mean']:9.6f} {r['cos_min']:8.6f}"

@@ -34,8 +34,8 @@ bSPARQ (bit-level)
     window (all window bits were ones), the result saturates at the window's
     all-ones value (reference ``OVRFLW`` -> ``MASK``), it never moves the
     window.  ``rounding=False`` truncates (reference ``RAW`` mode).
-    ``rounding="half_up"`` is offered as a non-reference variant (round half
-    away from zero on the dropped bits, same saturation).
+    ``rounding="half_up"`` is offered as a non-reference variant (a dropped
+    half rounds up, same saturation).
 
 vSPARQ (value-level)
     Codes are taken in pairs of neighbours along an axis (the reference pairs
