@@ -26,7 +26,7 @@ setup(
     extras_require={
         "examples": ["mlxtend>=0.23", "scikit-learn>=1.3", "rapidocr-onnxruntime>=1.3", "Pillow>=10.1"],
         "train": ["torch==2.13.0"],
-        "dev": ["pytest>=7", "jsonschema>=4", "mlxtend>=0.23", "scikit-learn>=1.3", "rapidocr-onnxruntime>=1.3",
+        "dev": ["pytest>=7", "jsonschema>=4", "tornado>=6", "mlxtend>=0.23", "scikit-learn>=1.3", "rapidocr-onnxruntime>=1.3",
                 "Pillow>=10.1"],
     },
     entry_points={"console_scripts": ["hago=hago.cli:main"]},
