@@ -46,12 +46,15 @@ class _Reader:
         self.i = 0
 
 
-def ort_quantize(model_path: str, calib, method: str, reduce_range: bool, out: str) -> float:
+def ort_quantize(graph, calib, method: str, reduce_range: bool, out: str) -> float:
+    """onnxruntime's quantize_static on the same canonicalized float graph hago starts from (opset 21, BN folded):
+    on the original PP-OCR file (opset 10 era) its per-channel QDQ output does not load."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    pre = out + ".pre.onnx"
-    quant_pre_process(model_path, pre, skip_symbolic_shape=True)
+    src, pre = out + ".src.onnx", out + ".pre.onnx"
+    onnx.save(graph.to_onnx(), src)
+    quant_pre_process(src, pre, skip_symbolic_shape=True)
     t0 = time.perf_counter()
     quantize_static(pre, out, _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
@@ -106,36 +109,39 @@ def ocr_task(n_lines):
     return path, g, calib, accuracy, accuracy_sim, "char acc %"
 
 
-def run(task_name, task, n_calib, methods, ort_methods):
+def run(task_name, task, n_calib, methods, ort_methods, reduce_range=(False, True)):
     path, g, calib_fn, acc, acc_sim, unit = task
     calib = calib_fn(n_calib)
     rows = []
+    print(f"\n## {task_name} ({unit}; {sum(next(iter(b.values())).shape[0] for b in calib)} calibration samples)\n")
+    print("| quantizer | weights | accuracy (deployed, ORT) | accuracy (hago simulation) | calibration s |")
+    print("|---|---|---|---|---|", flush=True)
+
+    def emit(row):
+        name, w, a, s, t = row
+        sa = "" if s is None else f"{s * 100:.2f}"
+        ts = "" if t is None else f"{t:.2f}"
+        print(f"| {name} | {w} | {a * 100:.2f} | {sa} | {ts} |", flush=True)
+        rows.append(row)
+
     fp32 = acc(path)
-    rows.append(("fp32", "", fp32, None, None))
+    emit(("fp32", "", fp32, None, None))
     spec = hago.load_spec("x86_avx2")
-    for m in methods:
+    for m in [x for x in methods if x]:
         t0 = time.perf_counter()
         qg = hago.quantize(g, spec, calib, method=m)
         dt = time.perf_counter() - t0
         chosen = qg.calibration.get("method", m)
-        rows.append((f"hago {m}" + (f" ({chosen})" if m == "auto" else ""), "W7A8 per-channel", acc(qg.to_qdq()), acc_sim(qg), dt))
+        emit((f"hago {m}" + (f" ({chosen})" if m == "auto" else ""), "W7A8 per-channel", acc(qg.to_qdq()), acc_sim(qg), dt))
     with tempfile.TemporaryDirectory() as d:
-        for rr in (False, True):
+        for rr in reduce_range:
             for m in ort_methods:
                 out = os.path.join(d, f"ort_{m}_{rr}.onnx")
                 try:
-                    dt = ort_quantize(path, calib, m, rr, out)
-                    rows.append((f"ort {m}", f"W{'7' if rr else '8'}A8 per-channel", acc(out), None, dt))
+                    dt = ort_quantize(g, calib, m, rr, out)
+                    emit((f"ort {m}", f"W{'7' if rr else '8'}A8 per-channel", acc(out), None, dt))
                 except Exception as e:  # report, don't hide
-                    rows.append((f"ort {m}", f"failed: {type(e).__name__}: {str(e)[:60]}", float('nan'), None, None))
-    print(f"\n## {task_name} ({unit}; {sum(next(iter(b.values())).shape[0] for b in calib)} calibration samples)\n")
-    print(f"| quantizer | weights | accuracy (deployed, ORT) | accuracy (hago simulation) | calibration s |")
-    print(f"|---|---|---|---|---|")
-    for name, w, a, s, t in rows:
-        sa = "" if s is None else f"{s * 100:.2f}"
-        ts = "" if t is None else f"{t:.2f}"
-        print(f"| {name} | {w} | {a * 100:.2f} | {sa} | {ts} |")
-    sys.stdout.flush()
+                    emit((f"ort {m}", f"failed: {type(e).__name__}: {str(e)[:60]}", float('nan'), None, None))
     return rows
 
 
@@ -146,6 +152,7 @@ def main():
     ap.add_argument("--ocr-lines", type=int, default=300)
     ap.add_argument("--methods", default="auto,minmax,avg_range,percentile:99.99,mse,kl")
     ap.add_argument("--ort-methods", default="MinMax,Entropy,Percentile,Distribution")
+    ap.add_argument("--reduce-range", default="both", choices=["both", "on", "off"])
     a = ap.parse_args()
     import platform
 
@@ -153,7 +160,8 @@ def main():
           f"onnxruntime {__import__('onnxruntime').__version__}; hago {hago.__version__}")
     for name in a.models.split(","):
         task = ocr_task(a.ocr_lines) if name == "ppocr_rec" else mnist_task(name)
-        run(name, task, a.calib if name != "ppocr_rec" else min(a.calib, 64), a.methods.split(","), a.ort_methods.split(","))
+        rr = {"both": (False, True), "on": (True,), "off": (False,)}[a.reduce_range]
+        run(name, task, a.calib if name != "ppocr_rec" else min(a.calib, 64), a.methods.split(","), a.ort_methods.split(","), rr)
 
 
 if __name__ == "__main__":
