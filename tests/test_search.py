@@ -52,7 +52,7 @@ def _run(setup, tmp_path, **kw):
     return hago.search(g, "x86_avx2", c, e, progress=False, **kw)
 
 
-@pytest.mark.parametrize("strategy", ["model", "greedy", "batched_greedy", "random"])
+@pytest.mark.parametrize("strategy", ["model", "greedy", "batched_greedy", "random", "mixed_precision"])
 def test_strategies_meet_budget(setup, tmp_path, strategy):
     r = _run(setup, tmp_path, strategy=strategy, budget=8, max_drop=2.0)
     assert r.best is not None

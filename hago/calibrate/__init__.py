@@ -44,7 +44,7 @@ def collect_stats(graph: Graph, data, names, *, bins: int = 2048, histogram: boo
                   progress=None) -> dict[str, EdgeObserver]:
     """Run the float model over ``data`` and return an observer per edge name."""
     model = rt.with_outputs(graph.to_onnx(), names)
-    batches = data if isinstance(data, list) else _materialize(data, graph.input_names)
+    batches = _materialize(data, graph.input_names)
     obs = {n: EdgeObserver(n, bins) for n in names}
     names = list(names)
     sess = rt.session(model, threads=threads, source=graph.source)

@@ -134,4 +134,12 @@ def model_based(d, pool: int = 400, explore: float = 0.15):
         d.trial(pick, "model")
 
 
-STRATEGIES = {"greedy": greedy, "batched_greedy": batched_greedy, "random": random_search, "model": model_based}
+def mixed_precision(d):
+    """Cheng and Chen's per-layer precision with calibration loss not above fp32 (hago.algorithms.mixed_precision)."""
+    from ..algorithms.mixed_precision import search_strategy
+
+    return search_strategy(d)
+
+
+STRATEGIES = {"greedy": greedy, "batched_greedy": batched_greedy, "random": random_search, "model": model_based,
+              "mixed_precision": mixed_precision}
