@@ -62,6 +62,10 @@ def compile(qgraph, spec_or_target, **kwargs):  # noqa: A001 - public name is a 
     """
     from .backend.compile import compile as _compile
 
+    if isinstance(spec_or_target, str):  # a shipped spec name or a spec file
+        from .hwspec import load_spec as _load_spec
+
+        spec_or_target = _load_spec(spec_or_target)
     return _compile(qgraph, spec_or_target, **kwargs)
 
 
