@@ -31,6 +31,23 @@ ResNet-18 W2A4 -- 66.33 % (weights only, W2A32) and 65.21 % (W2A4); MobileNetV2 
 
 Each run (one model, one bit width, the three methods) takes under 10 minutes on the 2-core
 development machine with the default 600 iterations per block (100 for activation steps).
+
+Measured (defaults, seed 0, 2-core machine, top-1 % on the 1,000 test digits; W-only accuracy
+is identical in torch and onnxruntime for every row; time = whole method incl. activation steps):
+
+| model | bits | fp32 | RTN | AdaRound (layer) | BRECQ (block) |
+|---|---|---|---|---|---|
+| mnist_cnn | W4A8 | 98.8 | 98.4 (2 s) | 98.9 (68 s) | 98.9 (70 s) |
+| mnist_cnn | W2A8 | 98.8 | 98.0 (3 s) | 98.2 (70 s) | 98.2 (59 s) |
+| mnist_resnet | W4A8 | 98.6 | 98.7 (6 s) | 98.7 (86 s) | 98.5 (72 s) |
+| mnist_resnet | W2A8 | 98.6 | 15.1 (6 s) | 98.0 (93 s) | 98.3 (99 s) |
+
+With ``--iters 1000 --iters-a 200`` (machine loaded by other jobs): mnist_resnet W2A8 RTN 15.1,
+AdaRound 98.7 (403 s), BRECQ 98.3 (311 s); W4A8 RTN 98.7, AdaRound 98.6, BRECQ 98.5.
+Reading: reconstruction rescues 2-bit weights (ResNet 15 % -> 98 %) and W4A8 BRECQ is within
+one point of fp32; on these small MNIST nets block and layer reconstruction are within the
+noise of 1,000 test digits (+-0.4 point, the sign flips with the schedule), so "block beats
+layer" is not reproduced here (the per-block output errors are in the ``[brecq]`` log lines).
 """
 from __future__ import annotations
 
