@@ -1,0 +1,495 @@
+"""``hago.compile``: a (quantized or float) model -> TVM-compiled :class:`Artifact` for a spec's target.
+
+Pipeline::
+
+    model -> Relax IRModule            QDQ ONNX: hago.backend.realize (integer regions); float ONNX: TVM's ONNX
+                                       frontend with static shapes; an IRModule as is
+    [x86 AVX2, int8]                   PackInt8Ops: int8 conv2d/matmul -> NCHW{16}c / OIHW{4}i{16}o{4}i packed
+                                       layouts (hago.backend.x86_int8)
+    legalize + fuse                    library dispatch, LegalizeOps, FoldConstant, FuseOps, FuseTIR
+    tune (tune_trials > 0)             MetaSchedule per fused kernel, persistent database per target in cache_dir
+                                       (AVX2: design space with the vpmaddubsw/vpmaddwd tensor intrinsic)
+    apply database                     best schedules found so far (also from earlier compiles when tune_trials=0)
+    [GPU] dlight default schedules     for kernels without tuning records
+    lower + build                      relax.build -> VMExecutable
+
+Untuned CPU kernels are correct but slow (plain loops); tune for speed: ``tune_trials=64`` or more.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from ..errors import CompileError, HagoError, ModelError
+from .target import can_run_locally, is_gpu, make_target, spec_hash_of, target_dict, target_key
+from .tune import TuningReport, apply_database, default_cache_dir, open_database, tune_module
+
+__all__ = ["Artifact", "compile", "to_irmodule", "lower_and_fuse"]
+
+_MANIFEST = "manifest.json"
+_LIB = "model.so"
+
+
+# ---------------------------------------------------------------------------------------------
+# model -> Relax IRModule
+
+
+def _is_qdq(model) -> bool:
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def _static_shapes(model, input_shapes: dict | None) -> dict:
+    """Input shapes with symbolic dims bound to 1 (or to ``input_shapes``)."""
+    inits = {i.name for i in model.graph.initializer}
+    out = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        if input_shapes and vi.name in input_shapes:
+            out[vi.name] = [int(d) for d in input_shapes[vi.name]]
+            continue
+        dims = []
+        for d in vi.type.tensor_type.shape.dim:
+            dims.append(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else 1)
+        out[vi.name] = dims
+    return out
+
+
+def _onnx_dtypes(model) -> dict:
+    from onnx import helper
+
+    inits = {i.name for i in model.graph.initializer}
+    out = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        out[vi.name] = str(np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)))
+    return out
+
+
+def _spec_realize_options(spec) -> dict:
+    opts = {}
+    if spec is None:
+        return opts
+    rq = getattr(spec, "requantize", None)
+    if rq in ("fixed_point", "float"):
+        opts["requantize"] = rq
+    acc = None
+    sigs = getattr(spec, "integer_signatures", None)
+    if callable(sigs):
+        for op in ("Conv", "Gemm", "MatMul"):
+            for s in sigs(op) or []:
+                if getattr(s, "accumulator", None):
+                    acc = s.accumulator
+                    break
+            if acc:
+                break
+    if acc in ("int32", "int16"):
+        opts["accumulator"] = acc
+    return opts
+
+
+def to_irmodule(model, *, spec=None, input_shapes: dict | None = None):
+    """``(IRModule, output_names, quant_params)`` for a ModelProto, an IRModule, a QuantizedGraph (``to_qdq()``)
+    or a float Graph (``to_onnx()``)."""
+    import onnx
+    import tvm
+
+    if isinstance(model, tvm.IRModule):
+        if "main" not in [gv.name_hint for gv in model.get_global_vars()]:
+            raise CompileError("compile: the IRModule has no 'main' function")
+        return model, None, None
+    proto = None
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    elif hasattr(model, "to_qdq"):
+        proto = model.to_qdq()
+    elif hasattr(model, "to_onnx"):
+        proto = model.to_onnx()
+    elif isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):
+        try:
+            proto = onnx.load(str(model))
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"{model}: cannot load ONNX model: {e}") from e
+    if proto is None:
+        raise CompileError(
+            f"compile: cannot compile a {type(model).__name__}: expected an onnx.ModelProto, a tvm.IRModule, "
+            "a hago QuantizedGraph or a hago Graph"
+        )
+    out_names = [o.name for o in proto.graph.output]
+    shapes = _static_shapes(proto, input_shapes)
+    if _is_qdq(proto):
+        from .realize import realize
+
+        mod = realize(proto, input_shapes=shapes, **_spec_realize_options(spec))
+        return mod, out_names, _quant_params(proto)
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        mod = from_onnx(proto, shape_dict=shapes, dtype_dict=_onnx_dtypes(proto), keep_params_in_input=False)
+    except Exception as e:  # noqa: BLE001 - the frontend raises anything
+        raise ModelError(f"compile: TVM's ONNX frontend cannot import the model ({proto.graph.name}): {e}") from e
+    return mod, out_names, None
+
+
+def _quant_params(proto) -> dict:
+    """Activation quantization parameters of a QDQ model: {tensor: {scale, zero_point, dtype}} per QuantizeLinear."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    consts = {}
+    for n in proto.graph.node:
+        if n.op_type == "Constant" and n.attribute:
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = numpy_helper.to_array(a.t)
+    out = {}
+    for n in proto.graph.node:
+        if n.op_type != "QuantizeLinear" or len(n.input) < 2:
+            continue
+
+        def val(name):
+            if name in inits:
+                return numpy_helper.to_array(inits[name])
+            return consts.get(name)
+
+        s = val(n.input[1])
+        z = val(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if s is None:
+            continue
+        out[n.input[0]] = {
+            "scale": np.asarray(s, dtype=np.float64).ravel().tolist(),
+            "zero_point": (np.asarray(z).astype(np.int64).ravel().tolist() if z is not None else [0]),
+            "dtype": str(z.dtype) if z is not None else "uint8",
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# passes
+
+
+def _use_avx2_int8(target, avx2_int8) -> bool:
+    from . import x86_int8
+
+    if avx2_int8 is not None:
+        return bool(avx2_int8) and x86_int8.target_has_avx2(target)
+    if not x86_int8.target_has_avx2(target):
+        return False
+    try:
+        import tvm
+
+        has = tvm.get_global_func("target.target_has_feature")
+        if has("avx512vnni", target) or has("avxvnni", target):
+            return False  # TVM's own VNNI rules apply
+    except Exception:  # noqa: BLE001
+        pass
+    return True
+
+
+def lower_and_fuse(mod, target, *, avx2_int8: bool = False):
+    """Pre-tuning passes: inference decomposition, int8 packing (AVX2), dispatch, legalize, fuse."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import pipeline as rp
+
+    from . import x86_int8
+
+    passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
+    mod = tvm.transform.Sequential(passes)(mod)
+    packed = 0
+    if avx2_int8:
+        p = x86_int8.PackInt8Ops()
+        mod = p(mod)
+        packed = p.count
+    try:
+        dispatch = rp.library_dispatch_passes(target)
+    except (ValueError, AttributeError):
+        dispatch = []
+    seq = [
+        *dispatch,
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    with target:
+        mod = tvm.transform.Sequential(seq)(mod)
+    return mod, packed
+
+
+def _finalize_and_build(mod, target):
+    import tvm
+    from tvm import relax
+    from tvm.relax import pipeline as rp
+
+    if is_gpu(target):
+        from tvm.s_tir import dlight as dl
+
+        with target:
+            mod = dl.ApplyDefaultSchedule(
+                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+            )(mod)
+    try:
+        lower = rp.dataflow_lower_passes(target)
+    except (ValueError, AttributeError):  # cpu_generic does not export it in TVM 0.27
+        lower = [relax.transform.RewriteDataflowReshape(), relax.transform.ToNonDataflow(),
+                 relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite()]
+    try:
+        final = rp.finalize_passes(target)
+    except (ValueError, AttributeError):
+        final = [relax.transform.StaticPlanBlockMemory(), relax.transform.LowerAllocTensor(),
+                 relax.transform.KillAfterLastUse(), relax.transform.LowerRuntimeBuiltin(),
+                 relax.transform.ComputePrimValue(), relax.transform.VMShapeLower(),
+                 relax.transform.AttachGlobalSymbol()]
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _rest(m, _ctx):
+        return tvm.transform.Sequential([*lower, *final])(m)
+
+    with target, tvm.transform.PassContext(opt_level=3):
+        return relax.build(mod, target=target, relax_pipeline=_rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# the artifact
+
+
+@dataclasses.dataclass
+class Artifact:
+    """A compiled model: the Relax VM executable and what is needed to feed it."""
+
+    target: object  # tvm.target.Target
+    executable: object  # relax VMExecutable (or a loaded runtime Module)
+    input_names: list
+    input_shapes: list
+    input_dtypes: list
+    output_names: list
+    spec_hash: str | None = None
+    quant_params: dict | None = None
+    tuning: TuningReport | None = None
+    threads: int | None = None
+    info: dict = dataclasses.field(default_factory=dict)
+    _vm: object = dataclasses.field(default=None, repr=False)
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def target_kind(self) -> str:
+        return self.target.kind.name
+
+    @property
+    def target_str(self) -> str:
+        return str(self.target)
+
+    def runnable(self) -> tuple[bool, str]:
+        return can_run_locally(self.target)
+
+    def device(self):
+        import tvm
+
+        return tvm.device(self.target.kind.name, 0) if is_gpu(self.target) else tvm.cpu(0)
+
+    def vm(self):
+        if self._vm is None:
+            from tvm import relax
+
+            ok, why = self.runnable()
+            if not ok:
+                raise HagoError(f"artifact for {self.target_str} cannot run on this machine: {why}")
+            self._vm = relax.VirtualMachine(self.executable, self.device())
+        return self._vm
+
+    # -- running -------------------------------------------------------------------------------
+    def run(self, feeds: dict) -> list:
+        """Run on ``{input name: ndarray}``; returns the outputs as a list of numpy arrays."""
+        import tvm
+
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise HagoError(f"run: missing inputs {missing} (artifact inputs: {self.input_names})")
+        vm = self.vm()  # raises first when this machine cannot run the target
+        args = []
+        for n, shape, dtype in zip(self.input_names, self.input_shapes, self.input_dtypes):
+            a = np.asarray(feeds[n])
+            if tuple(a.shape) != tuple(shape):
+                raise HagoError(f"run: input {n!r} has shape {tuple(a.shape)}, the artifact was compiled for {tuple(shape)}")
+            if str(a.dtype) != dtype:
+                a = a.astype(dtype)
+            args.append(tvm.runtime.tensor(np.ascontiguousarray(a), self.device()))
+        if self.threads:
+            from .measure import set_num_threads
+
+            set_num_threads(self.threads)
+        out = vm["main"](*args)
+        return _flatten(out)
+
+    # -- export / load -------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        return {
+            "hago_artifact": 1,
+            "library": _LIB,
+            "target": target_dict(self.target),
+            "target_str": self.target_str,
+            "spec_hash": self.spec_hash,
+            "inputs": [{"name": n, "shape": [int(d) for d in s], "dtype": d}
+                       for n, s, d in zip(self.input_names, self.input_shapes, self.input_dtypes)],
+            "outputs": list(self.output_names),
+            "quantization": self.quant_params,
+            "threads": self.threads,
+            "tuning": self.tuning.as_dict() if self.tuning is not None else None,
+            "info": self.info,
+        }
+
+    def export(self, directory: str) -> str:
+        """Write ``model.so`` (cross-linked for aarch64 targets) and ``manifest.json`` into ``directory``."""
+        os.makedirs(directory, exist_ok=True)
+        lib = os.path.join(directory, _LIB)
+        from .runner import export_module
+
+        export_module(self.executable, self.target, lib)
+        with open(os.path.join(directory, _MANIFEST), "w") as f:
+            json.dump(self.manifest(), f, indent=1, default=str)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str) -> Artifact:
+        import tvm
+
+        mpath = os.path.join(directory, _MANIFEST)
+        try:
+            with open(mpath) as f:
+                man = json.load(f)
+        except (OSError, ValueError) as e:
+            raise HagoError(f"{mpath}: cannot read the artifact manifest: {e}") from e
+        if man.get("hago_artifact") != 1:
+            raise HagoError(f"{mpath}: not a hago artifact manifest (hago_artifact != 1)")
+        tgt = man["target"]
+        host = tgt.pop("host", None) if isinstance(tgt, dict) else None
+        try:
+            target = tvm.target.Target(tgt, host=host) if host else tvm.target.Target(tgt)
+        except Exception as e:  # noqa: BLE001
+            raise HagoError(f"{mpath}: invalid target {tgt}: {e}") from e
+        lib = os.path.join(directory, man.get("library", _LIB))
+        ok, why = can_run_locally(target)
+        executable = None
+        if ok:
+            try:
+                executable = tvm.runtime.load_module(lib)
+            except Exception as e:  # noqa: BLE001
+                raise HagoError(f"{lib}: cannot load the compiled library: {e}") from e
+        art = cls(
+            target=target, executable=executable,
+            input_names=[i["name"] for i in man["inputs"]],
+            input_shapes=[tuple(i["shape"]) for i in man["inputs"]],
+            input_dtypes=[i["dtype"] for i in man["inputs"]],
+            output_names=list(man.get("outputs") or []),
+            spec_hash=man.get("spec_hash"), quant_params=man.get("quantization"), threads=man.get("threads"),
+            info=dict(man.get("info") or {}, library=lib, loadable=ok, not_loadable_reason=why),
+        )
+        return art
+
+
+def _flatten(value) -> list:
+    out = []
+
+    def rec(v):
+        if hasattr(v, "numpy"):
+            out.append(v.numpy())
+        elif isinstance(v, (list, tuple)) or type(v).__name__ in ("Array", "Tuple"):
+            for x in v:
+                rec(x)
+        else:
+            out.append(np.asarray(v))
+
+    rec(value)
+    return out
+
+
+def _main_signature(mod):
+    from tvm import relax
+
+    f = mod["main"]
+    names, shapes, dtypes = [], [], []
+    for p in f.params:
+        ty = p.ty
+        if not isinstance(ty, relax.TensorType) or ty.shape is None:
+            raise CompileError(f"compile: input {p.name!r} of main is not a tensor of known shape ({ty})")
+        try:
+            shape = tuple(int(d) for d in ty.shape.values)
+        except (TypeError, ValueError) as e:
+            raise CompileError(
+                f"compile: input {p.name!r} has a symbolic shape {ty.shape}; pass input_shapes={{...}}"
+            ) from e
+        names.append(p.name)
+        shapes.append(shape)
+        dtypes.append(str(ty.dtype))
+    return names, shapes, dtypes
+
+
+# ---------------------------------------------------------------------------------------------
+# compile
+
+
+def compile(model, target, *, tune_trials: int = 0, cache_dir: str | None = None, threads: int | None = None,  # noqa: A001
+            progress: bool = True, input_shapes: dict | None = None, avx2_int8: bool | None = None,
+            seed: int | None = 0) -> Artifact:
+    """Compile ``model`` for ``target`` (a TVM target dict/Target/string, or a HardwareSpec).
+
+    ``tune_trials``: MetaSchedule trials per distinct kernel (0: no new tuning; records already in the cache are
+    still used). ``cache_dir``: tuning database root (default ``~/.cache/hago/tuning``; one subdirectory per
+    target and design space). ``threads``: thread count for tuning measurements and for running the artifact.
+    ``avx2_int8``: use the packed int8 layouts and the AVX2 tensor intrinsic (default: on for AVX2 targets without
+    VNNI). ``input_shapes``: ``{name: shape}`` for symbolic ONNX inputs (else symbolic dims become 1).
+    """
+    import tvm
+
+    t_start = time.perf_counter()
+    spec = target if hasattr(target, "target") and isinstance(getattr(target, "target"), dict) else None
+    tgt = make_target(target, threads=threads)
+    mod, out_names, qparams = to_irmodule(model, spec=spec, input_shapes=input_shapes)
+    names, shapes, dtypes = _main_signature(mod)
+    use_avx2 = _use_avx2_int8(tgt, avx2_int8)
+    try:
+        fused, packed = lower_and_fuse(mod, tgt, avx2_int8=use_avx2)
+    except HagoError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise CompileError(f"compile: lowering for {tgt} failed: {type(e).__name__}: {e}") from e
+    variant = "avx2-int8" if use_avx2 else "default"
+    root = cache_dir if cache_dir is not None else default_cache_dir()
+    db_dir = os.path.join(root, target_key(tgt, variant))
+    report = TuningReport(database_dir=db_dir)
+    space = None
+    if use_avx2:
+        from . import x86_int8
+
+        space = x86_int8.space_generator()
+    if tune_trials and tune_trials > 0:
+        db, report = tune_module(fused, tgt, trials_per_task=int(tune_trials), database_dir=db_dir, progress=progress,
+                                 space=space, threads=threads, seed=seed, report=report)
+    elif os.path.exists(os.path.join(db_dir, "database_tuning_record.json")):
+        db = open_database(db_dir)
+    else:
+        db = None
+    if db is not None:
+        fused = apply_database(fused, tgt, db, report)
+    try:
+        ex = _finalize_and_build(fused, tgt)
+    except Exception as e:  # noqa: BLE001
+        raise CompileError(f"compile: building for {tgt} failed: {type(e).__name__}: {str(e)[-2000:]}") from e
+    if out_names is None:
+        out_names = []
+    info = {"avx2_int8": use_avx2, "packed_int8_ops": packed, "compile_seconds": round(time.perf_counter() - t_start, 3),
+            "tvm": tvm.__version__}
+    if not out_names:
+        ret = mod["main"].ret_ty if hasattr(mod["main"], "ret_ty") else None
+        n_out = len(ret.fields) if ret is not None and hasattr(ret, "fields") else 1
+        out_names = [f"output{i}" for i in range(n_out)]
+    return Artifact(target=tgt, executable=ex, input_names=names, input_shapes=shapes, input_dtypes=dtypes,
+                    output_names=out_names, spec_hash=spec_hash_of(spec) if spec is not None else None,
+                    quant_params=qparams, tuning=report, threads=threads, info=info)

@@ -1,0 +1,461 @@
+"""A u8 x s8 -> s32 tensor intrinsic for x86 CPUs with AVX2 but no VNNI, and the int8 layouts that use it.
+
+TVM ships int8 dot-product intrinsics for AVX-512 VNNI (``vpdpbusd``) and AVX-512BW only
+(``tvm/s_tir/tensor_intrin/x86.py``); an AVX2 machine gets scalar-ish int8 code. This module registers the
+AVX2 equivalent, made of the two instructions every AVX2 int8 GEMM (onnxruntime's MLAS, oneDNN) uses:
+
+* ``vpmaddubsw`` (``llvm.x86.avx2.pmadd.ub.sw``): 32 u8 x 32 s8 products, adjacent pairs added into 16 int16 lanes
+  **with signed saturation**;
+* ``vpmaddwd`` (``llvm.x86.avx2.pmadd.wd``) with a vector of ones: adjacent int16 pairs added into 8 exact int32
+  lanes, then added to the int32 accumulator.
+
+The intrinsic's description is the same as TVM's VNNI one: ``C[i] += sum_k u8(A[k]) * s8(B[i, k])`` with
+``i < 16`` (or 8) output lanes and ``k < 4`` reduction elements, ``B`` packed as ``[lanes][4]`` bytes. It is exact
+if and only if no int16 pair sum saturates: ``|a0*b0 + a1*b1| <= 32767``. With u8 activations that holds for all
+inputs when the weights are 7-bit (``|w| <= 63`` symmetric: ``2 * 255 * 63 = 32130``; even -64 is exact), and fails
+for some inputs with any weight of magnitude 65 or more, which is why hago's
+``x86_avx2`` spec (and onnxruntime's ``reduce_range``) limits weights to 7 bits. With full 8-bit weights the
+result is that of :func:`dot_avx2_reference` (saturating pairs), not the exact dot product.
+
+Layouts. The intrinsic reads 4 consecutive input channels of one pixel and a 16x4 (or 8x4) block of weights, so
+an int8 ``conv2d`` (NCHW u8 data, OIHW s8 constant weights, int32 output) is rewritten by :class:`PackInt8Ops` into
+``NCHW{ib}c`` data (packed inside the conv kernel, with the padding), ``OIHW{ib/4}i{ob}o4i`` weights packed at
+compile time, and an ``NCHW{ob}c`` int32 output transformed back to NCHW (fused with the requantize epilogue) (the layout of TVM's x86 ``conv2d_NCHWc_int8``). ``matmul`` with a constant s8
+``[K, N]`` weight is packed as ``[N/ob, K/4, ob, 4]``. MetaSchedule then tensorizes the inner ``ob x 4`` block with
+:data:`AVX2_DOT_16x4` through ``MultiLevelTilingWithIntrin`` (see :func:`schedule_rules`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "AVX2_DOT_16x4",
+    "AVX2_DOT_8x4",
+    "register_intrinsics",
+    "vpmaddubsw_reference",
+    "dot_avx2_reference",
+    "PackInt8Ops",
+    "schedule_rules",
+    "postprocs",
+    "target_has_avx2",
+    "MAX_EXACT_WEIGHT",
+]
+
+AVX2_DOT_16x4 = "hago_dot_16x4_u8i8i32_avx2"
+AVX2_DOT_8x4 = "hago_dot_8x4_u8i8i32_avx2"
+#: largest |weight| for which vpmaddubsw never saturates with any u8 activation (2 * 255 * 64 = 32640 <= 32767,
+#: 2 * 255 * 65 = 33150 is not): every 7-bit weight ([-64, 63]; symmetric 7-bit: |w| <= 63) is exact
+MAX_EXACT_WEIGHT = 64
+
+_REGISTERED = False
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy models of the instructions
+
+
+def vpmaddubsw_reference(a_u8: np.ndarray, b_s8: np.ndarray) -> np.ndarray:
+    """``vpmaddubsw``: pairs of u8*s8 products summed with int16 signed saturation (last axis even)."""
+    a = np.asarray(a_u8).astype(np.int32)
+    b = np.asarray(b_s8).astype(np.int32)
+    p = a * b
+    s = p[..., 0::2] + p[..., 1::2]
+    return np.clip(s, -32768, 32767).astype(np.int16)
+
+
+def dot_avx2_reference(a_u8: np.ndarray, w_s8: np.ndarray, *, k_axis_pairs: bool = True) -> np.ndarray:
+    """What the AVX2 intrinsic computes for ``a @ w.T``: ``a`` is ``[M, K]`` uint8, ``w`` is ``[N, K]`` int8.
+
+    The reduction axis is consumed 4 at a time; inside each group of 4, elements (0, 1) and (2, 3) are pairs
+    summed in saturating int16 by vpmaddubsw, then added exactly in int32 (vpmaddwd). K must be a multiple of 4.
+    """
+    a = np.asarray(a_u8, dtype=np.uint8)
+    w = np.asarray(w_s8, dtype=np.int8)
+    m, k = a.shape
+    n, k2 = w.shape
+    if k != k2 or k % 4:
+        raise ValueError(f"dot_avx2_reference: K={k} (and {k2}) must match and be a multiple of 4")
+    prod = a.astype(np.int32)[:, None, :] * w.astype(np.int32)[None, :, :]  # M, N, K
+    pairs = prod[..., 0::2] + prod[..., 1::2]
+    pairs = np.clip(pairs, -32768, 32767)
+    return pairs.sum(axis=-1, dtype=np.int64).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tensor intrinsics
+
+
+def _make_intrinsics(lanes: int):
+    from tvm.script import tirx as T
+
+    nbytes = lanes * 4
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    if lanes == 8:
+
+        @T.prim_func(s_tir=True)
+        def impl(
+            A: T.Buffer((4,), "uint8", offset_factor=1),
+            B: T.Buffer((8, 4), "int8", offset_factor=1),
+            C: T.Buffer((8,), "int32", offset_factor=1),
+        ) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+                T.writes(C[0:8])
+                a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+                a_u8x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="uint8x32")
+                b_i8x32 = B.vload([0, 0], dtype="int8x32")
+                pairs = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a_u8x32, b_i8x32, dtype="int16x16"
+                )
+                C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8"
+                )
+
+    else:
+        assert lanes == 16 and nbytes == 64
+
+        @T.prim_func(s_tir=True)
+        def impl(
+            A: T.Buffer((4,), "uint8", offset_factor=1),
+            B: T.Buffer((16, 4), "int8", offset_factor=1),
+            C: T.Buffer((16,), "int32", offset_factor=1),
+        ) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+                T.writes(C[0:16])
+                a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+                a_u8x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="uint8x32")
+                b_lo = B.vload([0, 0], dtype="int8x32")
+                b_hi = B.vload([8, 0], dtype="int8x32")
+                p_lo = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a_u8x32, b_lo, dtype="int16x16"
+                )
+                p_hi = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a_u8x32, b_hi, dtype="int16x16"
+                )
+                C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), p_lo, T.int16x16(1), dtype="int32x8"
+                )
+                C[T.ramp(T.int32(8), 1, 8)] += T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), p_hi, T.int16x16(1), dtype="int32x8"
+                )
+
+    return desc, impl
+
+
+def register_intrinsics() -> None:
+    """Register :data:`AVX2_DOT_16x4` and :data:`AVX2_DOT_8x4` with TVM (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from tvm.s_tir import TensorIntrin
+
+    for name, lanes in ((AVX2_DOT_16x4, 16), (AVX2_DOT_8x4, 8)):
+        if TensorIntrin.get(name, allow_missing=True) is None:
+            desc, impl = _make_intrinsics(lanes)
+            TensorIntrin.register(name, desc, impl)
+    _REGISTERED = True
+
+
+def target_has_avx2(target) -> bool:
+    """True for an x86 llvm target with AVX2 (the intrinsic's requirement)."""
+    import tvm
+
+    if target.kind.name != "llvm":
+        return False
+    triple = str(target.attrs.get("mtriple", "") or "")
+    if triple and not triple.startswith(("x86_64", "i686", "i386")):
+        return False
+    if not triple:
+        import platform
+
+        if platform.machine() not in ("x86_64", "AMD64", "i686"):
+            return False
+    try:
+        has = tvm.get_global_func("target.target_has_feature")
+        return bool(has("avx2", target))
+    except Exception:  # noqa: BLE001 - older/newer TVM without the helper
+        mattr = [str(a) for a in (target.attrs.get("mattr") or [])]
+        mcpu = str(target.attrs.get("mcpu", "") or "")
+        return "+avx2" in mattr or mcpu in ("core-avx2", "haswell", "skylake", "znver1", "znver2", "znver3")
+
+
+# ---------------------------------------------------------------------------------------------
+# MetaSchedule design space with the intrinsic
+
+
+def schedule_rules(intrin: str = AVX2_DOT_16x4):
+    """The rules of TVM's ``ScheduleRule::DefaultX86`` (used for VNNI), with the AVX2 intrinsic."""
+    from tvm.s_tir.meta_schedule import schedule_rule as sr
+
+    register_intrinsics()
+    reuse = sr.ReuseType(req="may", levels=[1, 2], scope="global")
+    return [
+        sr.ApplyCustomRule(),
+        sr.InlineConstantScalars(),
+        sr.AutoInline(
+            into_producer=False,
+            into_consumer=True,
+            inline_const_tensor=True,
+            disallow_if_then_else=True,
+            require_injective=True,
+            require_ordered=True,
+            disallow_op=["tirx.exp"],
+        ),
+        sr.AddRFactor(max_jobs_per_core=16, max_innermost_factor=64),
+        sr.MultiLevelTilingWithIntrin(
+            intrin, structure="SSRSRS", tile_binds=None, max_innermost_factor=64, vector_load_lens=None,
+            reuse_read=None, reuse_write=reuse,
+        ),
+        sr.MultiLevelTiling(
+            structure="SSRSRS", tile_binds=None, max_innermost_factor=64, vector_load_lens=None,
+            reuse_read=None, reuse_write=reuse,
+        ),
+        sr.ParallelizeVectorizeUnroll(
+            max_jobs_per_core=16, max_vectorize_extent=64, unroll_max_steps=[0, 16, 64, 512], unroll_explicit=True
+        ),
+        sr.RandomComputeLocation(),
+    ]
+
+
+def postprocs():
+    """TVM's ``Postproc::DefaultCPUTensorization``."""
+    from tvm.s_tir.meta_schedule import postproc as pp
+
+    return [
+        pp.DisallowDynamicLoop(),
+        pp.RewriteParallelVectorizeUnroll(),
+        pp.RewriteReductionBlock(),
+        pp.RewriteTensorize(vectorize_init_loop=True),
+        pp.RewriteLayout(),
+    ]
+
+
+def space_generator(intrin: str = AVX2_DOT_16x4):
+    from tvm.s_tir.meta_schedule import space_generator as sg
+    from tvm.s_tir.meta_schedule.mutator import Mutator
+
+    return sg.PostOrderApply(sch_rules=schedule_rules(intrin), postprocs=postprocs(),
+                             mutator_probs=Mutator.create("llvm"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Relax rewrite: int8 conv2d / matmul -> packed layouts the intrinsic can read
+
+
+def _const_value(expr):
+    import tvm
+
+    if isinstance(expr, tvm.ir.expr.Constant):
+        val = getattr(expr, "value", None)
+        if hasattr(val, "numpy"):
+            return val.numpy()
+    return None
+
+
+def _static_shape(expr) -> tuple | None:
+    from tvm import relax
+
+    ty = getattr(expr, "ty", None)
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    try:
+        return tuple(int(d) for d in ty.shape.values)
+    except (TypeError, AttributeError):
+        return None
+
+
+def pack_conv_weight(w: np.ndarray, ib: int, ob: int) -> np.ndarray:
+    """OIHW -> OIHW{ib/4}i{ob}o4i (shape ``[O/ob, I/ib, KH, KW, ib/4, ob, 4]``)."""
+    o, i, kh, kw = w.shape
+    t = w.reshape(o // ob, ob, i // ib, ib // 4, 4, kh, kw)
+    return np.ascontiguousarray(t.transpose(0, 2, 5, 6, 3, 1, 4))
+
+
+def pack_dense_weight(w_kn: np.ndarray, ob: int) -> np.ndarray:
+    """``[K, N]`` -> ``[N/ob, K/4, ob, 4]``."""
+    k, n = w_kn.shape
+    t = w_kn.reshape(k // 4, 4, n // ob, ob)
+    return np.ascontiguousarray(t.transpose(2, 0, 3, 1))
+
+
+def conv2d_nchwc_int8_te(data, kernel, strides, padding, dilation, out_dtype="int32"):
+    """TE compute: ``data`` NCHW{ib}c uint8, ``kernel`` OIHW{ib/4}i{ob}o4i int8 -> NCHW{ob}c int32."""
+    from tvm import te, topi
+
+    n, ic_chunk, ih, iw, ib = (int(v) for v in data.shape)
+    oc_chunk, _, kh_, kw_, _, ob, _ = (int(v) for v in kernel.shape)
+    sh, sw = strides
+    dh, dw = dilation
+    pt, pl, pb, pr = padding
+    oh = (ih + pt + pb - ((kh_ - 1) * dh + 1)) // sh + 1
+    ow = (iw + pl + pr - ((kw_ - 1) * dw + 1)) // sw + 1
+    if pt or pl or pb or pr:
+        data = topi.nn.pad(data, (0, 0, pt, pl, 0), (0, 0, pb, pr, 0), name="data_pad")
+    ico = te.reduce_axis((0, ic_chunk), name="ic_outer")
+    icf = te.reduce_axis((0, ib // 4), name="ic_f_inner")
+    ics = te.reduce_axis((0, 4), name="ic_s_inner")
+    kh = te.reduce_axis((0, kh_), name="kh")
+    kw = te.reduce_axis((0, kw_), name="kw")
+    return te.compute(
+        (n, oc_chunk, oh, ow, ob),
+        lambda b, oc, y, x, oi: te.sum(
+            data[b, ico, y * sh + kh * dh, x * sw + kw * dw, icf * 4 + ics].astype(out_dtype)
+            * kernel[oc, ico, kh, kw, icf, oi, ics].astype(out_dtype),
+            axis=[kh, kw, ico, icf, ics],
+        ),
+        name="conv2d_NCHWc_int8",
+    )
+
+
+def conv2d_nchw_packed_int8_te(data, kernel, strides, padding, dilation, ib: int, out_dtype="int32"):
+    """Like :func:`conv2d_nchwc_int8_te` but reads NCHW ``data``: padding and the NCHW -> NCHW{ib}c packing are
+    one producer block of the same kernel (no separate layout-transform pass over the activations)."""
+    from tvm import te, tirx
+
+    n, c, ih, iw = (int(v) for v in data.shape)
+    pt, pl, pb, pr = padding
+    ph, pw = ih + pt + pb, iw + pl + pr
+
+    def pack(b, cc, y, x, ci):
+        cond = tirx.all(y >= pt, y < ih + pt, x >= pl, x < iw + pl)
+        return tirx.if_then_else(cond, data[b, cc * ib + ci, y - pt, x - pl], tirx.const(0, data.dtype))
+
+    dp = te.compute((n, c // ib, ph, pw, ib), pack, name="data_pack")
+    return conv2d_nchwc_int8_te(dp, kernel, strides, (0, 0, 0, 0), dilation, out_dtype)
+
+
+def dense_packed_int8_te(data, kernel, out_dtype="int32"):
+    """TE compute: ``data`` ``[..., K]`` uint8, ``kernel`` ``[N/ob, K/4, ob, 4]`` int8 -> ``[..., N]`` int32."""
+    from tvm import te
+
+    lead = [int(v) for v in data.shape[:-1]]
+    nb, kb, ob, _ = (int(v) for v in kernel.shape)
+    ko = te.reduce_axis((0, kb), name="k_outer")
+    ki = te.reduce_axis((0, 4), name="k_inner")
+    return te.compute(
+        (*lead, nb * ob),
+        lambda *idx: te.sum(
+            data[(*idx[:-1], ko * 4 + ki)].astype(out_dtype)
+            * kernel[idx[-1] // ob, ko, idx[-1] % ob, ki].astype(out_dtype),
+            axis=[ko, ki],
+        ),
+        name="dense_packed_int8",
+    )
+
+
+class PackInt8Ops:
+    """Relax module pass: int8 ``conv2d``/``matmul`` with u8 data and constant s8 weights -> packed layouts.
+
+    Rewritten: ``R.nn.conv2d`` (NCHW/OIHW, groups 1, out int32, IC % 4 == 0, OC % ob == 0) and ``R.matmul``
+    (``[..., K] x [K, N]`` constant, out int32, K % 4 == 0, N % ob == 0). Everything else is left alone.
+    ``count`` tells how many calls were rewritten (after the pass ran).
+    """
+
+    def __init__(self, ob: int = 16, ib: int = 16):
+        if ob not in (8, 16):
+            raise ValueError("ob must be 8 or 16 (the intrinsic's lanes)")
+        self.ob, self.ib, self.count = ob, ib, 0
+
+    def _pick_ib(self, ic: int) -> int:
+        for cand in (self.ib, 16, 8, 4):
+            if cand % 4 == 0 and ic % cand == 0:
+                return cand
+        return 0
+
+    def __call__(self, mod):
+        import tvm
+        from tvm import relax
+
+        outer = self
+
+        @relax.expr_functor.mutator
+        class _Rewriter(relax.PyExprMutator):
+            def __init__(self, m):
+                super().__init__(m)
+
+            def visit_call_(self, call):  # noqa: N802 - TVM's visitor naming
+                call = self.visit_expr_post_order(call)
+                if not isinstance(call.op, tvm.ir.Op):
+                    return call
+                name = call.op.name
+                if name == "relax.nn.conv2d":
+                    new = outer._conv(self.builder_, call)
+                elif name == "relax.matmul":
+                    new = outer._matmul(self.builder_, call)
+                else:
+                    new = None
+                return call if new is None else new
+
+        rw = _Rewriter(mod)
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                rw.builder_.update_func(gv, rw.visit_expr(func))
+        return rw.builder_.get()
+
+    # -- rewrites ------------------------------------------------------------------------------
+
+    def _conv(self, bb, call):
+        from tvm import relax
+
+        a = call.attrs
+        data, weight = call.args
+        w = _const_value(weight)
+        dshape = _static_shape(data)
+        if w is None or dshape is None or len(dshape) != 4:
+            return None
+        if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW"):
+            return None
+        if int(a.groups) != 1 or str(a.out_dtype) != "int32":
+            return None
+        if data.ty.dtype != "uint8" or w.dtype != np.int8:
+            return None
+        o, i = w.shape[:2]
+        ib = self._pick_ib(i)
+        if not ib or o % self.ob:
+            return None
+        packed = pack_conv_weight(w, ib, self.ob)
+        pad = [int(v) for v in a.padding]
+        if len(pad) == 2:
+            pad = [pad[0], pad[1], pad[0], pad[1]]
+        y5 = bb.emit_te(
+            conv2d_nchw_packed_int8_te, data, relax.const(packed, "int8"),
+            [int(v) for v in a.strides], pad, [int(v) for v in a.dilation], ib,
+            primfunc_name_hint="conv2d_nchwc_int8",
+        )
+        ob = self.ob
+        self.count += 1
+        return relax.op.layout_transform(y5, index_map=lambda n, c, h, w_, cb: (n, c * ob + cb, h, w_))
+
+    def _matmul(self, bb, call):
+        from tvm import relax
+
+        data, weight = call.args
+        w = _const_value(weight)
+        dshape = _static_shape(data)
+        if w is None or dshape is None or w.ndim != 2 or len(dshape) < 1:
+            return None
+        if str(call.attrs.out_dtype) != "int32" or data.ty.dtype != "uint8" or w.dtype != np.int8:
+            return None
+        k, n = w.shape
+        if k % 4 or n % self.ob or dshape[-1] != k:
+            return None
+        packed = pack_dense_weight(w, self.ob)
+        self.count += 1
+        return bb.emit_te(dense_packed_int8_te, data, relax.const(packed, "int8"), primfunc_name_hint="dense_packed_int8")
+

@@ -1,0 +1,282 @@
+"""hago.backend.compile / tune / target / x86_int8: compile, run, export, tuning cache, AVX2 int8 intrinsic."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+
+from hago.backend import x86_int8  # noqa: E402
+from hago.backend.compile import Artifact, compile  # noqa: E402
+from hago.backend.target import can_run_locally, make_target  # noqa: E402
+from hago.errors import CompileError, HagoError  # noqa: E402
+
+X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "core-avx2", "mattr": ["+avx2", "+fma"]}
+AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}
+
+
+def _host_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx2" in f.read()
+    except OSError:
+        return False
+
+
+needs_avx2 = pytest.mark.skipif(not _host_has_avx2(), reason="this CPU has no AVX2")
+
+
+def _float_model():
+    rs = np.random.RandomState(0)
+    w = rs.randn(4, 3, 3, 3).astype(np.float32) * 0.3
+    b = rs.randn(4).astype(np.float32)
+    m = rs.randn(4 * 6 * 6, 5).astype(np.float32) * 0.1
+    g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("Flatten", ["r"], ["f"]),
+            helper.make_node("MatMul", ["f", "M"], ["y"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B"), numpy_helper.from_array(m, "M")],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def _int8_conv_module(w: np.ndarray, shape=(1, 16, 8, 8)):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=[1, 1, 1, 1], out_dtype="int32"))
+            o = bb.emit_output(y)
+        bb.emit_func_output(o)
+    return bb.get()
+
+
+def _conv_ref(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros((n, o, h, wd), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            out += np.einsum("nchw,oc->nohw", xp[:, :, i:i + h, j:j + wd], w[:, :, i, j].astype(np.int64))
+    return out
+
+
+def _matmul_module(m=8, k=32, n=16):
+    rs = np.random.RandomState(1)
+    wt = rs.randn(k, n).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((m, k), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.const(wt)))
+            o = bb.emit_output(y)
+        bb.emit_func_output(o)
+    return bb.get(), wt
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_float_onnx_matches_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = _float_model()
+    art = compile(model, X86, cache_dir=str(tmp_path / "cache"), progress=False)
+    assert art.input_names == ["x"] and art.input_shapes == [(1, 3, 6, 6)] and art.input_dtypes == ["float32"]
+    assert art.output_names == ["y"]
+    x = np.random.RandomState(2).rand(1, 3, 6, 6).astype(np.float32)
+    got = art.run({"x": x})
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert len(got) == 1
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-4)
+    # export and load back
+    d = art.export(str(tmp_path / "art"))
+    assert os.path.exists(os.path.join(d, "model.so"))
+    man = json.load(open(os.path.join(d, "manifest.json")))
+    assert man["inputs"][0]["name"] == "x" and man["outputs"] == ["y"] and man["target"]["kind"] == "llvm"
+    art2 = Artifact.load(d)
+    np.testing.assert_allclose(art2.run({"x": x})[0], got[0], rtol=0, atol=0)
+
+
+def test_input_shapes_override_and_errors(tmp_path):
+    art = compile(_float_model(), "llvm", input_shapes={"x": [2, 3, 6, 6]}, progress=False,
+                  cache_dir=str(tmp_path))
+    assert art.input_shapes == [(2, 3, 6, 6)]
+    with pytest.raises(HagoError, match="shape"):
+        art.run({"x": np.zeros((1, 3, 6, 6), np.float32)})
+    with pytest.raises(HagoError, match="missing"):
+        art.run({})
+    with pytest.raises(CompileError, match="kind"):
+        compile(_float_model(), {"mcpu": "core-avx2"})
+    with pytest.raises(CompileError, match="cannot compile"):
+        compile(42, X86)
+
+
+def test_spec_object_target_and_hash(tmp_path):
+    class Spec:  # what compile needs of a HardwareSpec
+        target = X86
+        hash = "abc123"
+        requantize = "fixed_point"
+
+    art = compile(_float_model(), Spec(), cache_dir=str(tmp_path), progress=False)
+    assert art.spec_hash == "abc123"
+    assert art.manifest()["spec_hash"] == "abc123"
+
+
+@needs_avx2
+def test_int8_irmodule_packed_matches_numpy(tmp_path):
+    rs = np.random.RandomState(3)
+    w = rs.randint(-63, 64, size=(16, 16, 3, 3)).astype(np.int8)
+    mod = _int8_conv_module(w)
+    x = rs.randint(0, 256, size=(1, 16, 8, 8)).astype(np.uint8)
+    ref = _conv_ref(x, w)
+    for avx2 in (True, False):
+        art = compile(mod, X86, avx2_int8=avx2, cache_dir=str(tmp_path), progress=False)
+        assert art.info["avx2_int8"] is avx2
+        assert art.info["packed_int8_ops"] == (1 if avx2 else 0)
+        np.testing.assert_array_equal(art.run({"x": x})[0], ref)
+
+
+def test_pack_int8_ops_skips_what_it_cannot_pack():
+    w = np.ones((10, 3, 3, 3), np.int8)  # IC=3 not a multiple of 4, OC=10 not a multiple of 16
+    p = x86_int8.PackInt8Ops()
+    p(_int8_conv_module(w, shape=(1, 3, 8, 8)))
+    assert p.count == 0
+
+
+def test_vpmaddubsw_reference_saturates():
+    a = np.array([[255, 255, 1, 2]], np.uint8)
+    b = np.array([[127, 127, -128, -128]], np.int8)
+    np.testing.assert_array_equal(x86_int8.vpmaddubsw_reference(a, b), [[32767, -384]])
+    a2 = np.full((1, 4), 255, np.uint8)
+    w = np.array([[-128, -128, 63, 63]], np.int8)
+    # (255*-128)*2 saturates to -32768; 255*63*2 = 32130 is exact
+    assert x86_int8.dot_avx2_reference(a2, w)[0, 0] == -32768 + 32130
+    assert 2 * 255 * x86_int8.MAX_EXACT_WEIGHT <= 32767 < 2 * 255 * (x86_int8.MAX_EXACT_WEIGHT + 1)
+    # a symmetric 7-bit weight range never saturates: the worst pair sums are exact
+    for wv in (-64, -63, 63):
+        ww = np.full((1, 4), wv, np.int8)
+        assert x86_int8.dot_avx2_reference(a2, ww)[0, 0] == 4 * 255 * wv
+
+
+def _tensorized_dense(m: int, k: int, n: int, intrin: str, lanes: int):
+    """A u8 [m, k] x packed s8 [n/lanes, k/4, lanes, 4] -> s32 [m, n] kernel, tensorized with ``intrin``."""
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    x86_int8.register_intrinsics()
+    a = te.placeholder((m, k), "uint8", name="A")
+    wp = te.placeholder((n // lanes, k // 4, lanes, 4), "int8", name="W")
+    c = x86_int8.dense_packed_int8_te(a, wp)
+    f = te.create_prim_func([a, wp, c])
+    sch = Schedule(f)
+    blk = sch.get_sblock("dense_packed_int8")
+    i, j, ko, ki = sch.get_loops(blk)
+    jo, ji = sch.split(j, [None, lanes])
+    sch.reorder(i, jo, ko, ji, ki)
+    inner = sch.blockize(ji)
+    sch.decompose_reduction(inner, ko)
+    sch.tensorize(inner, intrin)
+    return tvm.compile(sch.mod, target=make_target(X86))
+
+
+@needs_avx2
+@pytest.mark.parametrize("intrin,lanes", [(x86_int8.AVX2_DOT_16x4, 16), (x86_int8.AVX2_DOT_8x4, 8)])
+def test_avx2_intrinsic_exact_with_7bit_weights_and_saturating_with_8bit(intrin, lanes):
+    m, k, n = 6, 64, 32
+    f = _tensorized_dense(m, k, n, intrin, lanes)
+    asm = f.mod.inspect_source("asm")
+    assert "vpmaddubsw" in asm and "vpmaddwd" in asm
+    rs = np.random.RandomState(4)
+    dev = tvm.cpu()
+
+    def run(a, w):
+        wp = x86_int8.pack_dense_weight(np.ascontiguousarray(w.T), lanes)
+        out = tvm.runtime.empty((m, n), "int32", dev)
+        f(tvm.runtime.tensor(a, dev), tvm.runtime.tensor(wp, dev), out)
+        return out.numpy()
+
+    a = rs.randint(0, 256, size=(m, k)).astype(np.uint8)
+    a[0, :] = 255  # worst case row
+    w7 = rs.randint(-63, 64, size=(n, k)).astype(np.int8)
+    w7[0, :] = -63
+    w7[1, :] = 63
+    exact = a.astype(np.int64) @ w7.astype(np.int64).T
+    np.testing.assert_array_equal(run(a, w7), exact)
+
+    w8 = rs.randint(-128, 128, size=(n, k)).astype(np.int8)
+    w8[0, :] = -128
+    w8[1, :] = 127
+    got = run(a, w8)
+    model = x86_int8.dot_avx2_reference(a, w8)
+    np.testing.assert_array_equal(got, model)
+    exact8 = a.astype(np.int64) @ w8.astype(np.int64).T
+    assert (got != exact8).any(), "the test data must make vpmaddubsw saturate"
+
+
+def test_tuning_cache_second_compile_runs_no_trials(tmp_path):
+    mod, wt = _matmul_module()
+    cache = str(tmp_path / "tuning")
+    art1 = compile(mod, X86, tune_trials=2, cache_dir=cache, progress=False, threads=1)
+    rep1 = art1.tuning
+    assert rep1.tasks >= 1 and rep1.tuned_tasks == rep1.tasks
+    assert 1 <= rep1.new_trials <= 2 * rep1.tasks
+    assert rep1.applied >= 1
+    assert os.path.exists(os.path.join(rep1.database_dir, "database_tuning_record.json"))
+    art2 = compile(mod, X86, tune_trials=2, cache_dir=cache, progress=False, threads=1)
+    rep2 = art2.tuning
+    assert rep2.new_trials == 0 and rep2.tuned_tasks == 0 and rep2.cached_tasks == rep1.tasks
+    assert rep2.applied == rep1.applied
+    x = np.random.RandomState(5).rand(8, 32).astype(np.float32)
+    np.testing.assert_allclose(art2.run({"x": x})[0], x @ wt, rtol=1e-4, atol=1e-4)
+    # a different target (thread count is part of it) has its own database
+    art3 = compile(mod, X86, tune_trials=0, cache_dir=cache, progress=False, threads=2)
+    assert art3.tuning.database_dir != rep1.database_dir and art3.tuning.applied == 0
+
+
+def test_cuda_compile_only(tmp_path):
+    mod, _ = _matmul_module()
+    target = make_target({"kind": "cuda", "arch": "sm_80"})
+    if tvm.get_global_func("target.build.cuda", allow_missing=True) is None:
+        pytest.skip("this TVM wheel has no CUDA codegen")
+    try:
+        art = compile(mod, {"kind": "cuda", "arch": "sm_80"}, cache_dir=str(tmp_path), progress=False)
+    except CompileError as e:
+        if "nvcc" in str(e) or "nvrtc" in str(e).lower() or "cuda" in str(e).lower() and "not found" in str(e):
+            pytest.skip(f"no CUDA compiler on this machine: {str(e)[:200]}")
+        raise
+    assert art.target.kind.name == "cuda" and str(art.target.attrs["arch"]) == "sm_80"
+    assert art.tuning.applied == 0  # untuned GPU kernels got dlight's default schedules (else the build fails)
+    ok, why = can_run_locally(target)
+    if not ok:
+        with pytest.raises(HagoError, match="cannot run"):
+            art.run({"x": np.zeros((8, 32), np.float32)})
+
+
+def test_aarch64_cross_compile(tmp_path):
+    mod, _ = _matmul_module()
+    art = compile(mod, AARCH64, cache_dir=str(tmp_path), progress=False)
+    assert str(art.target.attrs["mtriple"]) == "aarch64-linux-gnu"
+    ok, why = art.runnable()
+    assert not ok and "aarch64" in why
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("no aarch64 cross compiler (apt-get install g++-aarch64-linux-gnu) to test export")
+    d = art.export(str(tmp_path / "a64"))
+    with open(os.path.join(d, "model.so"), "rb") as f:
+        head = f.read(20)
+    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64

@@ -1,0 +1,97 @@
+"""hago.backend.measure: statistics structure, random inputs, onnxruntime harness, error paths (no timing asserts)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+
+from hago.backend.compile import compile  # noqa: E402
+from hago.backend.measure import (  # noqa: E402
+    MeasureStats,
+    measure,
+    measure_onnxruntime,
+    random_inputs,
+    stats_from_samples,
+)
+from hago.errors import DeviceError, HagoError  # noqa: E402
+
+
+def _tiny_module():
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.add(x, relax.const(np.ones((4, 8), "float32"))))
+            o = bb.emit_output(y)
+        bb.emit_func_output(o)
+    return bb.get()
+
+
+def _check_stats(s: MeasureStats, n: int):
+    assert isinstance(s, MeasureStats)
+    assert s.n == n
+    assert 0 < s.min_ms <= s.median_ms <= s.max_ms
+    assert s.min_ms <= s.mean_ms <= s.max_ms
+    assert s.std_ms >= 0 and s.iqr_ms >= 0 and s.spread_ms == s.iqr_ms
+    assert np.isfinite([s.median_ms, s.mean_ms, s.std_ms, s.iqr_ms]).all()
+    assert isinstance(s.device, str) and s.device
+
+
+def test_stats_from_samples_values():
+    s = stats_from_samples([1.0, 2.0, 3.0, 4.0, 100.0], device="x", threads=2)
+    assert s.median_ms == 3.0 and s.min_ms == 1.0 and s.max_ms == 100.0 and s.n == 5
+    assert s.mean_ms == pytest.approx(22.0)
+    assert s.iqr_ms == pytest.approx(2.0)  # 4 - 2
+    assert s.as_dict()["threads"] == 2
+    with pytest.raises(HagoError):
+        stats_from_samples([], device="x")
+
+
+def test_random_inputs_shapes_and_dtypes():
+    r = random_inputs(["a", "b", "c"], [(2, 3), (4,), (1, 2)], ["float32", "uint8", "int64"])
+    assert r["a"].shape == (2, 3) and r["a"].dtype == np.float32
+    assert r["b"].dtype == np.uint8 and r["c"].dtype == np.int64 and r["c"].shape == (1, 2)
+
+
+def test_measure_local_artifact(tmp_path):
+    art = compile(_tiny_module(), "llvm", cache_dir=str(tmp_path), progress=False)
+    s = measure(art, None, repeat=7, warmup=1, threads=1)
+    _check_stats(s, 7)
+    assert s.threads == 1 and s.device.startswith("tvm:llvm")
+    s2 = measure(art, {"x": np.zeros((4, 8), np.float32)}, repeat=3, warmup=0, number=2)
+    _check_stats(s2, 3)
+    with pytest.raises(HagoError, match="lack"):
+        measure(art, {"y": np.zeros((4, 8), np.float32)})
+    with pytest.raises(HagoError, match="repeat"):
+        measure(art, None, repeat=0)
+
+
+def test_measure_onnxruntime_same_harness():
+    pytest.importorskip("onnxruntime")
+    g = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["y"])], "add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        [numpy_helper.from_array(np.ones((4, 8), np.float32), "c")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    s = measure_onnxruntime(m, None, threads=1, repeat=5, warmup=1)
+    _check_stats(s, 5)
+    assert s.threads == 1 and s.device.startswith("onnxruntime")
+
+
+def test_measure_cross_artifact_needs_rpc(tmp_path):
+    art = compile(_tiny_module(), {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+                  cache_dir=str(tmp_path), progress=False)
+    with pytest.raises(DeviceError, match="rpc"):
+        measure(art, None, repeat=2)
+
+
+def test_measure_rpc_unreachable_raises_device_error(tmp_path):
+    art = compile(_tiny_module(), "llvm", cache_dir=str(tmp_path), progress=False)
+    with pytest.raises(HagoError):  # DeviceError: nothing listens on port 1
+        measure(art, None, repeat=2, rpc="127.0.0.1:1:nokey")
