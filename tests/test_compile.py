@@ -152,6 +152,23 @@ def test_int8_irmodule_packed_matches_numpy(tmp_path):
         np.testing.assert_array_equal(art.run({"x": x})[0], ref)
 
 
+@needs_avx2
+def test_int8_matmul_packed_matches_numpy(tmp_path):
+    rs = np.random.RandomState(6)
+    w = rs.randint(-63, 64, size=(32, 16)).astype(np.int8)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 32), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.const(w), out_dtype="int32"))
+            o = bb.emit_output(y)
+        bb.emit_func_output(o)
+    art = compile(bb.get(), X86, avx2_int8=True, cache_dir=str(tmp_path), progress=False)
+    assert art.info["packed_int8_ops"] == 1
+    xv = rs.randint(0, 256, size=(4, 32)).astype(np.uint8)
+    np.testing.assert_array_equal(art.run({"x": xv})[0], xv.astype(np.int64) @ w.astype(np.int64))
+
+
 def test_pack_int8_ops_skips_what_it_cannot_pack():
     w = np.ones((10, 3, 3, 3), np.int8)  # IC=3 not a multiple of 4, OC=10 not a multiple of 16
     p = x86_int8.PackInt8Ops()

@@ -204,7 +204,7 @@ def lower_and_fuse(mod, target, *, avx2_int8: bool = False):
     packed = 0
     if avx2_int8:
         p = x86_int8.PackInt8Ops()
-        mod = p(mod)
+        mod = relax.transform.CanonicalizeBindings()(p(mod))
         packed = p.count
     try:
         dispatch = rp.library_dispatch_passes(target)

@@ -340,6 +340,16 @@ def conv2d_nchw_packed_int8_te(data, kernel, strides, padding, dilation, ib: int
     return conv2d_nchwc_int8_te(dp, kernel, strides, (0, 0, 0, 0), dilation, out_dtype)
 
 
+def conv2d_nchw_int8_packed_te(data, kernel, strides, padding, dilation, ib: int, out_dtype="int32"):
+    """NCHW u8 in, NCHW int32 out; packs the data, computes in NCHW{ob}c and unpacks in one kernel, so that the
+    requantize epilogue that follows fuses into it (a separate layout transform would end the fusion group)."""
+    from tvm import te
+
+    y5 = conv2d_nchw_packed_int8_te(data, kernel, strides, padding, dilation, ib, out_dtype)
+    n, occ, oh, ow, ob = (int(v) for v in y5.shape)
+    return te.compute((n, occ * ob, oh, ow), lambda b, c, y, x: y5[b, c // ob, y, x, c % ob], name="conv2d_unpack")
+
+
 def dense_packed_int8_te(data, kernel, out_dtype="int32"):
     """TE compute: ``data`` ``[..., K]`` uint8, ``kernel`` ``[N/ob, K/4, ob, 4]`` int8 -> ``[..., N]`` int32."""
     from tvm import te
@@ -433,14 +443,12 @@ class PackInt8Ops:
         pad = [int(v) for v in a.padding]
         if len(pad) == 2:
             pad = [pad[0], pad[1], pad[0], pad[1]]
-        y5 = bb.emit_te(
-            conv2d_nchw_packed_int8_te, data, relax.const(packed, "int8"),
+        self.count += 1
+        return bb.call_te(
+            conv2d_nchw_int8_packed_te, data, relax.const(packed, "int8"),
             [int(v) for v in a.strides], pad, [int(v) for v in a.dilation], ib,
             primfunc_name_hint="conv2d_nchwc_int8",
         )
-        ob = self.ob
-        self.count += 1
-        return relax.op.layout_transform(y5, index_map=lambda n, c, h, w_, cb: (n, c * ob + cb, h, w_))
 
     def _matmul(self, bb, call):
         from tvm import relax
@@ -457,5 +465,5 @@ class PackInt8Ops:
             return None
         packed = pack_dense_weight(w, self.ob)
         self.count += 1
-        return bb.emit_te(dense_packed_int8_te, data, relax.const(packed, "int8"), primfunc_name_hint="dense_packed_int8")
+        return bb.call_te(dense_packed_int8_te, data, relax.const(packed, "int8"), primfunc_name_hint="dense_packed_int8")
 
