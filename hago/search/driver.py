@@ -1,5 +1,11 @@
 """``hago.search``: tune per-edge bits, float fallbacks and thresholds against accuracy and measured latency.
 
+The space (:mod:`hago.search.space`) also holds, where the spec allows them,
+per-edge threshold methods, per-tensor vs per-channel weights, the signature of
+each op, SPARQ per activation edge entering a multiplier and multipoint
+weights per layer. A SPARQ trial's latency is modeled (see
+:class:`hago.search.latency.SparqLatencyTerm`) when no SPARQ kernel exists.
+
     result = hago.search(graph, spec, calib, eval_data, max_drop=1.0, strategy="model", budget=32,
                          measure="tvm" | "onnxruntime" | "rpc://host:port:key", log="search.jsonl")
     result.best, result.pareto, result.history; qg = result.apply(graph); result.save("result.json")
@@ -23,8 +29,8 @@ from ..errors import HagoError, SearchError
 from ..hwspec import load_spec
 from ..ir import Graph, load
 from ..ir.annotation import EdgeAnnotation
-from .evaluate import Evaluator
-from .latency import FeatureMap, LatencyDB, LatencyModel, make_measurer
+from .evaluate import Evaluator, multipoint_weights, prepare
+from .latency import FeatureMap, LatencyDB, LatencyModel, SparqLatencyTerm, make_measurer
 from .log import TrialLog, read_log
 from .space import Config, build_space
 from .strategies import STRATEGIES
@@ -41,6 +47,8 @@ class Trial:
     error: str = ""
     seconds: float = 0.0
     predicted_ms: float | None = None
+    measured_ms: float | None = None  # what the measurer returned, when latency_ms is modeled from it
+    modeled: str = ""  # "sparq": latency_ms = measured_ms of the plain 8-bit config with the modeled SPARQ speed-up
 
     @property
     def ok(self) -> bool:
@@ -49,12 +57,14 @@ class Trial:
     def to_dict(self) -> dict:
         return {"index": self.index, "strategy": self.strategy, "config": self.config.to_dict(), "key": self.config.key(),
                 "accuracy": self.accuracy, "latency_ms": self.latency_ms, "status": self.status, "error": self.error,
-                "seconds": round(self.seconds, 3), "predicted_ms": self.predicted_ms}
+                "seconds": round(self.seconds, 3), "predicted_ms": self.predicted_ms, "measured_ms": self.measured_ms,
+                "modeled": self.modeled}
 
     @staticmethod
     def from_dict(d: dict) -> "Trial":
         return Trial(d["index"], d["strategy"], Config.from_dict(d["config"]), d.get("accuracy"), d.get("latency_ms"),
-                     d.get("status", "ok"), d.get("error", ""), d.get("seconds", 0.0), d.get("predicted_ms"))
+                     d.get("status", "ok"), d.get("error", ""), d.get("seconds", 0.0), d.get("predicted_ms"),
+                     d.get("measured_ms"), d.get("modeled", ""))
 
 
 def pareto_front(trials: list[Trial]) -> list[Trial]:
@@ -82,12 +92,11 @@ class SearchResult:
     spec_name: str
     spec_hash: str
     interrupted: bool = False
-    latency_model: dict = dataclasses.field(default_factory=dict)
+    latency_model: dict = dataclasses.field(default_factory=dict)  # {"sparq": {...}}: how SPARQ latency was obtained
+    choices: dict = dataclasses.field(default_factory=dict)  # {"multipoint": {node: {"bits", "n_points"}}} of the best
 
     def apply(self, graph, spec=None):
         """The best configuration as a QuantizedGraph (no calibration data needed)."""
-        from ..passes.annotate import AnnotateOptions, annotate
-        from ..passes.partition import partition
         from ..pipeline import QuantizedGraph
 
         if self.best is None:
@@ -97,20 +106,23 @@ class SearchResult:
             raise SearchError(f"this result is for model {self.model_hash}, not {g.hash()} ({g.source})")
         spec = load_spec(spec or self.spec_name)
         cfg = self.best.config
-        partition(g, spec, force_float=cfg.float_nodes)
-        annotate(g, spec, AnnotateOptions(activation_method=cfg.method, overrides={k: {"bits": b} for k, b in cfg.bits}))
+        plans = self.choices.get("multipoint", {})
+        mps = {n: multipoint_weights(g.node(n), p["bits"], p["n_points"]) for n, p in plans.items()}
+        g = prepare(g, spec, cfg, multipoint=mps)
         for v, a in g.annotated():
             d = self.annotations.get(v.name)
             if d is not None:
                 g.annotate(v, EdgeAnnotation.from_dict(d))
-        return QuantizedGraph(g, spec, {"method": cfg.method, "float_nodes": sorted(cfg.float_nodes)})
+        return QuantizedGraph(g, spec, {"method": cfg.method, "float_nodes": sorted(cfg.float_nodes), "config": cfg.to_dict(),
+                                        "multipoint": plans})
 
     def to_dict(self) -> dict:
         return {"best": self.best.to_dict() if self.best else None, "pareto": [t.to_dict() for t in self.pareto],
                 "history": [t.to_dict() for t in self.history], "fp32_accuracy": self.fp32_accuracy,
                 "fp32_latency_ms": self.fp32_latency_ms, "objective": self.objective, "space": self.space,
                 "annotations": self.annotations, "model_hash": self.model_hash, "spec_name": self.spec_name,
-                "spec_hash": self.spec_hash, "interrupted": self.interrupted, "latency_model": self.latency_model}
+                "spec_hash": self.spec_hash, "interrupted": self.interrupted, "latency_model": self.latency_model,
+                "choices": self.choices}
 
     def save(self, path: str) -> str:
         with open(path, "w") as f:
@@ -123,8 +135,8 @@ class SearchResult:
                  + (f", fp32 latency {self.fp32_latency_ms:.3f} ms" if self.fp32_latency_ms else "")]
         if self.best:
             b = self.best
-            lines.append(f"best: accuracy {b.accuracy * 100:.2f}%, latency {b.latency_ms:.3f} ms, "
-                         f"{len(b.config.float_nodes)} float nodes, {len(b.config.bits)} edges below max bits, method {b.config.method}")
+            lines.append(f"best: accuracy {b.accuracy * 100:.2f}%, latency {b.latency_ms:.3f} ms"
+                         + (" (SPARQ speed-up modeled, not measured)" if b.modeled else "") + f", {b.config.describe()}")
         lines.append("pareto: " + ", ".join(f"({t.accuracy * 100:.2f}%, {t.latency_ms:.3f} ms)" for t in self.pareto))
         if self.interrupted:
             lines.append("interrupted: the best so far is kept")
@@ -139,7 +151,7 @@ def load_result(path: str) -> SearchResult:
                         history=hist, fp32_accuracy=d["fp32_accuracy"], fp32_latency_ms=d["fp32_latency_ms"],
                         objective=d["objective"], space=d["space"], annotations=d["annotations"], model_hash=d["model_hash"],
                         spec_name=d["spec_name"], spec_hash=d["spec_hash"], interrupted=d.get("interrupted", False),
-                        latency_model=d.get("latency_model", {}))
+                        latency_model=d.get("latency_model", {}), choices=d.get("choices", {}))
 
 
 class Driver:
@@ -147,10 +159,15 @@ class Driver:
 
     def __init__(self, graph: Graph, spec, evaluator: Evaluator, measurer, *, budget: int, objective: dict, seed: int,
                  log: TrialLog, previous: list[dict], db: LatencyDB | None, progress: bool, method: str,
-                 min_bits: int):
+                 min_bits: int, extras: bool = True):
         self.graph, self.spec, self.ev, self.measurer = graph, spec, evaluator, measurer
-        self.space = build_space(graph, spec, min_bits=min_bits)
+        self.space = build_space(graph, spec, min_bits=min_bits, per_channel=evaluator.per_channel,
+                                 nonnegative=evaluator.nonnegative(), extras=extras)
         self.features = FeatureMap(graph, self.space)
+        self.sparq_term = SparqLatencyTerm(graph, self.space, spec, measurer)
+        vs = {e: self.space.sparq_axis[e] for e, ch in self.space.sparq_edges.items() if any(c.startswith("vsparq") for c in ch)}
+        if self.sparq_term.active and vs:
+            self.sparq_term.f8.update(evaluator.default_frac_8bit_pairs(vs))
         self.budget, self.objective, self.log, self.db = budget, objective, log, db
         self.rng = np.random.RandomState(seed)
         self.default_method = method
@@ -204,10 +221,24 @@ class Driver:
                 else:
                     if self._lat_model is not None:
                         t.predicted_ms = float(self.predict_latency([cfg])[0])
-                    cached = self.db.get(cfg) if self.db else None
-                    t.latency_ms = cached if cached is not None else float(self.measurer(qg))
-                    if cached is None and self.db:
-                        self.db.add(cfg, t.latency_ms)
+                    applied = qg.options.get("sparq") or {}
+                    modeled = self.sparq_term.active and bool(applied)
+                    mcfg, mqg = (cfg.without_sparq(), None) if modeled else (cfg, qg)
+                    cached = self.db.get(mcfg) if self.db else None
+                    if cached is None:
+                        if mqg is None:  # no SPARQ kernel: measure the same config with plain 8-bit activations
+                            mqg = self.ev.build(mcfg)
+                        ms = float(self.measurer(mqg))
+                        if self.db:
+                            self.db.add(mcfg, ms)
+                    else:
+                        ms = cached
+                    if modeled:
+                        self.sparq_term.f8.update({e: a.get("frac_8bit_pairs", 1.0) for e, a in applied.items()})
+                        t.measured_ms, t.modeled = ms, "sparq"
+                        t.latency_ms = self.sparq_term.adjust(ms, cfg, applied)
+                    else:
+                        t.latency_ms = ms
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # a kernel that fails to compile, a board that disconnects, a timeout
@@ -254,8 +285,12 @@ class Driver:
                     self._sens[n] = float("inf")
         return self._sens
 
-    def _X(self, cfgs) -> np.ndarray:
+    def _X(self, cfgs, latency: bool = False) -> np.ndarray:
+        """Features; for the latency model the SPARQ choices are left out where SPARQ latency is modeled (the model
+        learns measured latencies only; the SPARQ term is applied on top)."""
         sens = self._sens or {}
+        if latency and self.sparq_term.active:
+            cfgs = [c.without_sparq() for c in cfgs]
         X = np.stack([self.features(c) for c in cfgs])
         s = np.array([[sum(v for n, v in sens.items() if n not in c.float_nodes and np.isfinite(v))] for c in cfgs])
         return np.hstack([X, s])
@@ -263,10 +298,12 @@ class Driver:
     def predict_latency(self, cfgs) -> np.ndarray:
         data = self.measured()
         if self._lat_model is None and len(data) >= 2:
-            self._lat_model = LatencyModel(seed=0).fit(self._X([t.config for t in data]), np.array([t.latency_ms for t in data]))
+            y = np.array([t.measured_ms if t.modeled and t.measured_ms is not None else t.latency_ms for t in data])
+            self._lat_model = LatencyModel(seed=0).fit(self._X([t.config for t in data], latency=True), y)
         if self._lat_model is None:
             return np.zeros(len(cfgs))
-        return self._lat_model.predict(self._X(cfgs))
+        base = self._lat_model.predict(self._X(cfgs, latency=True))
+        return np.array([b * (1.0 - self.sparq_term.saved_fraction(c)) for b, c in zip(base, cfgs)])
 
     def predict_accuracy(self, cfgs) -> np.ndarray:
         data = [t for t in self.history if t.accuracy is not None]
@@ -285,8 +322,11 @@ def search(graph, spec, calib_data, eval_data=None, metric=None, *, objective: s
            relative: bool = False, latency_budget_ms: float | None = None, strategy: str = "model", budget: int = 32,
            measure="onnxruntime", log: str | None = None, resume: bool | str = False, seed: int = 0,
            threads: int | None = None, tune_trials: int = 0, cache_dir: str | None = None, method: str = "mse",
-           min_bits: int = 4, progress: bool = True, per_channel: bool = True) -> SearchResult:
+           min_bits: int = 4, progress: bool = True, per_channel: bool = True, extras: bool = True) -> SearchResult:
     """Search bits, float fallbacks and thresholds (see the module docstring).
+
+    ``extras=False`` limits the space to HAGO's (bits, float fallbacks, one method for all edges): no per-edge
+    methods, granularity, signatures, SPARQ or multipoint choices.
 
     ``objective``: ``"latency"`` (minimize latency with accuracy drop <= ``max_drop``
     points, or ``max_drop`` percent of fp32 with ``relative=True``), ``"accuracy"``
@@ -313,7 +353,7 @@ def search(graph, spec, calib_data, eval_data=None, metric=None, *, objective: s
     tlog = TrialLog(log_path, header, append=bool(resume))
     db = LatencyDB(cache_dir, getattr(measurer, "target_key", "custom"), model_hash) if not callable(measure) or hasattr(measurer, "target_key") else None
     d = Driver(g, spec, ev, measurer, budget=budget, objective=obj, seed=seed, log=tlog, previous=previous, db=db,
-               progress=progress, method=method, min_bits=min_bits)
+               progress=progress, method=method, min_bits=min_bits, extras=extras)
     interrupted = False
     fp32_ms = None
     try:
@@ -326,12 +366,15 @@ def search(graph, spec, calib_data, eval_data=None, metric=None, *, objective: s
         if d._bar is not None:
             d._bar.close()
     best = d.best()
-    annotations = {}
+    annotations, choices = {}, {}
     if best is not None:
         qg = ev.build(best.config)
         annotations = {v.name: a.to_dict() for v, a in qg.graph.annotated()}
+        if qg.options.get("multipoint"):
+            choices["multipoint"] = qg.options["multipoint"]
     return SearchResult(best=best, pareto=d.pareto_trials(), history=d.history, fp32_accuracy=ev.fp32_accuracy,
-                        fp32_latency_ms=fp32_ms, objective=obj, space={"edges": len(d.space.edges), "nodes": len(d.space.nodes),
-                                                                        "methods": list(d.space.methods)},
+                        fp32_latency_ms=fp32_ms, objective=obj, space=d.space.to_dict(),
                         annotations=annotations, model_hash=model_hash, spec_name=spec.path or spec.name,
-                        spec_hash=spec_hash, interrupted=interrupted)
+                        spec_hash=spec_hash, interrupted=interrupted,
+                        latency_model={"sparq": d.sparq_term.describe()} if d.sparq_term.declared else {},
+                        choices=choices)

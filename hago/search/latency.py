@@ -6,6 +6,11 @@ class, per-node precision, bytes crossing int/float boundaries) on the
 measurements made so far, asks it about many candidates, and measures only
 the most promising ones (active learning). Measurements are kept in a JSON-lines
 database per target and model so a later search starts warm.
+
+SPARQ has no kernel here: where a spec declares SPARQ and the measurer has no
+SPARQ kernel (``measurer.sparq_kernel`` is not true), :class:`SparqLatencyTerm`
+models its speed-up from the paper's figures on top of the measured latency of
+the same configuration with plain 8-bit activations, and reports say so.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import numpy as np
 
 from ..errors import DeviceError, HagoError
 from ..ir.graph import Graph
-from .space import Config, SearchSpace
+from .space import MULTIPOINT_BUDGET, Config, SearchSpace, sparq_mode
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,7 +150,8 @@ class FeatureMap:
                     shape = [d if isinstance(d, int) else 1 for d in (v.shape or [])]
                     self.links.append((p.name, n.name, float(np.prod(shape)) if shape else 1.0))
         self.names = list(space.nodes)
-        self.dim = len(self.names) + 2 * len(_CLASSES) + 4
+        # appended: MACs behind bSPARQ / vSPARQ edges, extra multipoint MACs, per-tensor weights, MACs on other signatures
+        self.dim = len(self.names) + 2 * len(_CLASSES) + 4 + 5
 
     def __call__(self, cfg: Config) -> np.ndarray:
         fl = cfg.float_nodes
@@ -163,7 +169,82 @@ class FeatureMap:
         b = cfg.bits_dict()
         f[k + 2] = np.mean([b.get(e.name, e.max) for e in self.space.edges]) if self.space.edges else 8
         f[k + 3] = sum(1 for n in self.names if n not in fl)
+        for e, choice in cfg.sparq:
+            cons = [n for n in self.space.sparq_consumers.get(e, ()) if n not in fl]
+            m = sum(self.macs.get(n, 0.0) for n in cons) / 1e6
+            f[k + (5 if sparq_mode(choice)[0] == "vsparq" else 4)] += m
+        for n, choice in cfg.multipoint:
+            if n not in fl:
+                pts = MULTIPOINT_BUDGET if choice == "adaptive" else float(choice)
+                f[k + 6] += self.macs.get(n, 0.0) * (pts - 1.0) / 1e6
+        f[k + 7] = len(cfg.per_tensor)
+        f[k + 8] = sum(self.macs.get(n, 0.0) for n, _ in cfg.signatures if n not in fl) / 1e6
         return f
+
+
+SPARQ_SOURCE = ("Shomron et al., Post-Training Sparsity-Aware Quantization, NeurIPS 2021: 4-bit x 8-bit multipliers "
+                "behind a shifter give about 2x the throughput of 8-bit MACs; a vSPARQ pair that takes the 8-bit path "
+                "costs like 8-bit")
+
+
+class SparqLatencyTerm:
+    """The modeled SPARQ speed-up (no SPARQ kernel exists: the numbers are the paper's, not measurements).
+
+    ``latency = measured_8bit * (1 - sum_n share_n * (1 - cost_n))`` where ``measured_8bit`` is the measured
+    latency of the same configuration with plain 8-bit activations, ``share_n`` is multiplier node ``n``'s share of
+    the model's MACs (each node's time taken proportional to its MACs; non-MAC ops count their output elements),
+    and ``cost_n`` the relative cost of its MACs behind a SPARQ edge: ``1/speedup`` for bSPARQ, and
+    ``f8 + (1 - f8)/speedup`` for vSPARQ with ``f8`` the fraction of activation pairs taking the 8-bit path.
+    ``speedup`` is the spec's ``sparq.speedup`` (2.0 by default, the paper's figure). Active only when the
+    spec declares SPARQ and the measurer has no SPARQ kernel (``measurer.sparq_kernel``)."""
+
+    def __init__(self, graph: Graph, space: SearchSpace, spec, measurer=None):
+        self.speedup = float((spec.sparq or {}).get("speedup", 2.0)) if spec.sparq else 1.0
+        self.kernel = bool(getattr(measurer, "sparq_kernel", False))
+        self.declared = bool(spec.sparq)
+        self.active = self.declared and not self.kernel and self.speedup > 0
+        self.consumers = dict(space.sparq_consumers)
+        self.macs = {}
+        for n in graph.nodes():
+            self.macs[n.name] = _macs(n, n.outputs[0].shape if n.outputs else None)[1]
+        self.total = sum(self.macs.values()) or 1.0
+        self.f8: dict[str, float] = {}  # last known fraction of 8-bit-path pairs per edge (for predictions)
+
+    def cost(self, mode: str, f8: float) -> float:
+        if mode == "vsparq":
+            return f8 + (1.0 - f8) / self.speedup
+        return 1.0 / self.speedup
+
+    def saved_fraction(self, cfg: Config, applied: dict | None = None) -> float:
+        """Fraction of the 8-bit latency the config's SPARQ edges save. ``applied``: ``{edge: {"mode",
+        "frac_8bit_pairs"}}`` as built (default: the config's choices with the last known pair statistics)."""
+        if not self.active or not cfg.sparq:
+            return 0.0
+        if applied is None:
+            applied = {e: {"mode": sparq_mode(c)[0], "frac_8bit_pairs": self.f8.get(e, 1.0)} for e, c in cfg.sparq}
+        pts = {n: (MULTIPOINT_BUDGET if c == "adaptive" else float(c)) for n, c in cfg.multipoint if n not in cfg.float_nodes}
+        total = self.total + sum(self.macs.get(n, 0.0) * (p - 1.0) for n, p in pts.items())
+        saved = 0.0
+        for e, d in applied.items():
+            c = self.cost(d.get("mode", "bsparq"), float(d.get("frac_8bit_pairs", 1.0)))
+            for n in self.consumers.get(e, ()):
+                if n not in cfg.float_nodes:
+                    saved += self.macs.get(n, 0.0) * pts.get(n, 1.0) / total * (1.0 - c)
+        return min(max(saved, 0.0), 0.95)
+
+    def adjust(self, ms: float, cfg: Config, applied: dict | None = None) -> float:
+        return float(ms) * (1.0 - self.saved_fraction(cfg, applied))
+
+    def describe(self) -> dict:
+        if not self.declared:
+            return {}
+        if self.kernel:
+            return {"modeled": False, "note": "SPARQ latency measured with the measurer's SPARQ kernel"}
+        return {"modeled": True, "speedup": self.speedup, "source": SPARQ_SOURCE,
+                "note": "SPARQ speed-up is modeled, not measured: no SPARQ kernel exists for this target; a SPARQ "
+                        "trial's latency is the measured latency of the same configuration with plain 8-bit "
+                        "activations, reduced by the modeled MAC savings (each layer's time taken proportional to "
+                        "its MACs)"}
 
 
 class LatencyModel:

@@ -3,8 +3,12 @@
 
 * :func:`greedy` and :func:`batched_greedy`: HAGO's tuners, faithfully (bits only,
   edge order, stopping rule, best key = (accuracy, -total bits)). HAGO never
-  looked at latency; these are the baseline.
-* :func:`random_search`: uniform random bits per edge, random float fallbacks, random method.
+  looked at latency; these are the baseline. With budget left after HAGO's walk
+  they walk the space's other choices the same way (SPARQ, multipoint,
+  signatures, granularity, per-edge methods), each priced in bits by
+  :meth:`SearchSpace.effective_bits` (a SPARQ edge counts its window bits).
+* :func:`random_search`: uniform random bits per edge, random float fallbacks, random method,
+  and random per-edge/per-node choices.
 * :func:`model_based`: hago's own. Per-node sensitivity is computed once; an
   xgboost latency model (and an accuracy model) trained on the trials so far
   rank hundreds of mutated candidates; only the most promising are measured
@@ -19,7 +23,56 @@ from .space import Config
 
 
 def _hago_key(trial, space):
-    return (trial.accuracy if trial.ok else -1.0, -space.total_bits(trial.config))
+    return (trial.accuracy if trial.ok else -1.0, -space.effective_bits(trial.config))
+
+
+def _extra_dimensions(space):
+    """The non-bit choices as (field, item, alternatives) in the order the greedy walk visits them."""
+    dims = []
+    for e, ch in space.sparq_edges.items():
+        dims.append(("sparq", e, list(ch)))
+    for n, ch in space.multipoint_nodes.items():
+        dims.append(("multipoint", n, list(ch)))
+    for n, ix in space.signatures.items():
+        dims.append(("signatures", n, list(ix[1:])))
+    for e in space.granularity:
+        dims.append(("per_tensor", e, [True]))
+    for e, ms in space.edge_methods.items():
+        dims.append(("methods", e, list(ms)))
+    return dims
+
+
+def _set(cfg: Config, space, field: str, item: str, value) -> Config:
+    """``cfg`` with one per-edge/per-node choice set (``None``: back to the default)."""
+    if field == "per_tensor":
+        pt = set(cfg.per_tensor)
+        (pt.add if value else pt.discard)(item)
+        return cfg.with_(space, per_tensor=pt)
+    cur = dict(getattr(cfg, field))
+    if value is None:
+        cur.pop(item, None)
+    else:
+        cur[item] = value
+    return cfg.with_(space, **{field: cur})
+
+
+def _greedy_extras(d, best, strategy: str):
+    """HAGO's greedy walk over the non-bit choices: try each alternative of each item from the best so far,
+    keep it when the HAGO key (accuracy, then fewer effective bits) improves, stop an item when accuracy drops."""
+    space = d.space
+    for field, item, alts in _extra_dimensions(space):
+        for v in alts:
+            if d.remaining() <= 0:
+                return best
+            cfg = _set(best.config, space, field, item, v)
+            if cfg == best.config:
+                continue
+            t = d.trial(cfg, strategy)
+            if _hago_key(t, space) > _hago_key(best, space):
+                best = t
+            if not t.ok or (t.accuracy is not None and best.accuracy is not None and t.accuracy < best.accuracy):
+                break
+    return best
 
 
 def greedy(d):
@@ -39,6 +92,8 @@ def greedy(d):
             if not t.ok or t.accuracy < best.accuracy:
                 break
         decided[e.name] = best.config.bits_dict().get(e.name, e.max)
+    if d.remaining() > 0 and best is not None:
+        _greedy_extras(d, best, "greedy")
 
 
 def batched_greedy(d):
@@ -58,14 +113,30 @@ def batched_greedy(d):
             if best is None or _hago_key(t, space) > _hago_key(best, space):
                 best = t
         decided[e.name] = best.config.bits_dict().get(e.name, e.max) if best else e.max
+    if d.remaining() > 0 and best is not None:
+        _greedy_extras(d, best, "batched_greedy")
 
 
-def random_search(d, p_float: float = 0.25):
+def _pick(rs, seq):
+    return seq[rs.randint(len(seq))]
+
+
+def _random_extras(space, rs, p: float) -> dict:
+    """Random per-edge/per-node choices: each item deviates from its default with probability ``p``."""
+    return {"sparq": {e: _pick(rs, ch) for e, ch in space.sparq_edges.items() if rs.rand() < max(p, 0.5)},
+            "multipoint": {n: _pick(rs, ch) for n, ch in space.multipoint_nodes.items() if rs.rand() < p},
+            "signatures": {n: _pick(rs, ix) for n, ix in space.signatures.items() if rs.rand() < max(p, 0.5)},
+            "per_tensor": [e for e in space.granularity if rs.rand() < p],
+            "methods": {e: _pick(rs, ms) for e, ms in space.edge_methods.items() if rs.rand() < p}}
+
+
+def random_search(d, p_float: float = 0.25, p_extra: float = 0.2):
     space, rs = d.space, d.rng
     while d.remaining() > 0:
         bits = {e.name: int(rs.choice(e.choices)) for e in space.edges}
         fl = [n for n in space.nodes if rs.rand() < p_float]
-        d.trial(Config.make(bits, fl, str(rs.choice(space.methods)), space), "random")
+        method = str(rs.choice(space.methods))
+        d.trial(Config.make(bits, fl, method, space, **_random_extras(space, rs, p_extra)), "random")
 
 
 def model_based(d, pool: int = 400, explore: float = 0.15):
@@ -76,7 +147,11 @@ def model_based(d, pool: int = 400, explore: float = 0.15):
     order = sorted(nodes, key=lambda n: -sens.get(n, 0.0))
     macs = d.features.macs
     cheap = sorted(nodes, key=lambda n: macs.get(n, 0.0))
-    seeds = [Config.make({}, (), d.default_method, space), Config.make({}, nodes, d.default_method, space)]
+    base = Config.make({}, (), d.default_method, space)
+    seeds = [base, Config.make({}, nodes, d.default_method, space)]
+    if space.sparq_edges:  # SPARQ on every edge that allows it: the spec's own proposal (vSPARQ where pairs exist)
+        seeds.insert(1, base.with_(space, sparq={e: ch[-1] for e, ch in space.sparq_edges.items()}))
+        seeds.insert(2, base.with_(space, sparq={e: ch[0] for e, ch in space.sparq_edges.items()}))
     for k in (1, 2, 4, 8):
         if k < len(nodes):
             seeds.append(Config.make({}, order[:k], d.default_method, space))
@@ -90,9 +165,22 @@ def model_based(d, pool: int = 400, explore: float = 0.15):
             return
         d.trial(cfg, "model:seed")
 
+    dims = _extra_dimensions(space)
+
+    def mutate_extra(cfg: Config) -> Config:
+        field, item, alts = dims[rs.randint(len(dims))]
+        if field == "per_tensor":
+            return _set(cfg, space, field, item, item not in cfg.per_tensor)
+        opts = [None] + [a for a in alts if a != dict(getattr(cfg, field)).get(item)]
+        return _set(cfg, space, field, item, opts[rs.randint(len(opts))])
+
     def mutate(cfg: Config) -> Config:
         fl = set(cfg.float_nodes)
+        ex = cfg
         for _ in range(1 + rs.randint(3)):
+            if dims and rs.rand() < 0.3:  # a per-edge/per-node choice (SPARQ, multipoint, signature, granularity, method)
+                ex = mutate_extra(ex)
+                continue
             r = rs.rand()
             if r < 0.35 and len(fl) < len(nodes):  # fall back a sensitive or cheap node
                 src = order if rs.rand() < 0.5 else cheap
@@ -105,8 +193,8 @@ def model_based(d, pool: int = 400, explore: float = 0.15):
                 n = nodes[rs.randint(len(nodes))]
                 fl.symmetric_difference_update({n})
             else:
-                return Config.make(cfg.bits_dict(), fl, str(rs.choice(space.methods)), space)
-        return Config.make(cfg.bits_dict(), fl, cfg.method, space)
+                return ex.with_(space, float_nodes=fl, method=str(rs.choice(space.methods)))
+        return ex.with_(space, float_nodes=fl)
 
     while d.remaining() > 0:
         done = d.measured()
