@@ -5,7 +5,9 @@ Rows (same thread count everywhere):
   ort int8 (QDQ)       onnxruntime, QDQ model (u8 activations, 7-bit s8 per-channel weights: reduce_range)
   tvm fp32             hago.compile of the float model, MetaSchedule-tuned
   tvm int8 plain       hago.compile of the QDQ model, int8 conv2d in NCHW with TVM's default rules (no intrinsic)
-  hago int8 avx2       hago.compile of the QDQ model, packed NCHW16c layouts + the AVX2 vpmaddubsw intrinsic
+  hago int8 avx2       hago.compile of the QDQ model, packed NCHW16c layouts + the AVX2 vpmaddubsw intrinsic,
+                       hago's hand-written register-blocked schedule (no tuning)
+  hago int8 avx2 ms    the same, the conv kernel tuned by MetaSchedule instead (int8_schedule="tune")
 
 Each TVM row reports its tuning trials and seconds (tuned from scratch in a fresh cache unless --cache-dir).
 
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=64, help="MetaSchedule trials per kernel")
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--cache-dir", help="tuning cache (default: a fresh temporary directory)")
-    ap.add_argument("--skip", default="", help="comma-separated rows to skip: ort_fp32,ort_int8,tvm_fp32,tvm_int8_plain,hago_int8_avx2")
+    ap.add_argument("--skip", default="", help="comma-separated rows to skip: ort_fp32,ort_int8,tvm_fp32,tvm_int8_plain,hago_int8_avx2,hago_int8_avx2_ms")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -119,6 +121,8 @@ def main(argv=None) -> int:
         tvm_row("tvm int8 plain", qdq, ref_q, qstep * 1.01, avx2_int8=False)
     if "hago_int8_avx2" not in skip:
         tvm_row("hago int8 avx2", qdq, ref_q, qstep * 1.01, avx2_int8=True)
+    if "hago_int8_avx2_ms" not in skip:
+        tvm_row("hago int8 avx2 ms", qdq, ref_q, qstep * 1.01, avx2_int8=True, int8_schedule="tune")
 
     by = {r["name"]: r for r in rows}
     print()

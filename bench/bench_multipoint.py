@@ -11,9 +11,14 @@ the same average cost as the fixed 2 points. Depthwise convs are not split
 ordinary low-bit layers; ``tests/test_multipoint_graph.py`` checks that the
 QDQ model reproduces the codes exactly.
 
-The paper (Table 2, ImageNet, W4A8 with multipoint averaging ~4.x bits): ResNet-18
-69.76 fp32, 4-bit single point far below, multipoint within about 1 point; the
-adaptive allocation beats fixed points at the same average cost.
+The paper's own figures (Liu, Ye, Zhou, Liu, AAAI 2021, arXiv 2002.09049) could not be
+retrieved here: the stored corpora hold only its abstract (e.g.
+https://paperswithcode.com/paper/post-training-quantization-with-multiple), which gives
+no numbers, and no official code README was found. So no paper figure is quoted. The
+qualitative claims checked, from the abstract: the number of low-precision points per
+weight vector is chosen "based on the error of its output", giving "an 'effect of mixed
+precision' but without physical mixed precision implementations", and the method
+"outperforms a range of state-of-the-art methods on ImageNet classification".
 """
 from __future__ import annotations
 

@@ -152,6 +152,74 @@ def test_int8_irmodule_packed_matches_numpy(tmp_path):
         np.testing.assert_array_equal(art.run({"x": x})[0], ref)
 
 
+def _int8_conv_requant_module(w, shape, stride, pad):
+    """conv (int32) -> >> 8 -> clip [0, 255] -> u8: the requantize epilogue fuses into the conv kernel."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), strides=stride, padding=pad, out_dtype="int32"))
+            z = relax.op.clip(relax.op.right_shift(y, relax.const(8, "int32")), 0, 255)
+            o = bb.emit_output(bb.emit(relax.op.astype(z, "uint8")))
+        bb.emit_func_output(o)
+    return bb.get()
+
+
+def _conv_ref_general(x, w, stride, pad):
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh, ow = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
+    out = np.zeros((n, o, oh, ow), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, :, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
+            out += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j].astype(np.int64))
+    return out
+
+
+@needs_avx2
+@pytest.mark.parametrize("c,hw,k,ksz,stride,pad", [
+    (16, 8, 16, 3, 1, 1),   # width 8: register block of 4
+    (32, 13, 32, 1, 1, 0),  # width 13 (prime): computed on 16 columns, 3 cropped
+    (16, 15, 32, 3, 2, 1),  # stride 2, two output-channel blocks
+    (8, 7, 16, 3, 1, 1),    # 8 input channels (ib 8), width 7
+])
+def test_hand_scheduled_int8_conv_is_exact(tmp_path, c, hw, k, ksz, stride, pad):
+    rs = np.random.RandomState(c + hw + k)
+    w = rs.randint(-63, 64, size=(k, c, ksz, ksz)).astype(np.int8)
+    x = rs.randint(0, 256, size=(1, c, hw, hw)).astype(np.uint8)
+    mod = _int8_conv_requant_module(w, (1, c, hw, hw), stride, pad)
+    ref = np.clip(_conv_ref_general(x, w, stride, pad) >> 8, 0, 255).astype(np.uint8)
+    art = compile(mod, X86, avx2_int8=True, cache_dir=str(tmp_path), progress=False, threads=1)
+    assert art.info["hand_scheduled_convs"] == 1
+    np.testing.assert_array_equal(art.run({"x": x})[0], ref)
+    # the schedule is really the tensorized one: the kernel calls vpmaddubsw
+    tuned = compile(mod, X86, avx2_int8=True, int8_schedule="tune", cache_dir=str(tmp_path), progress=False)
+    assert tuned.info["hand_scheduled_convs"] == 0
+    np.testing.assert_array_equal(tuned.run({"x": x})[0], ref)
+
+
+def test_hand_schedule_emits_the_avx2_instructions():
+    from hago.backend.compile import lower_and_fuse, make_target
+
+    rs = np.random.RandomState(0)
+    w = rs.randint(-63, 64, size=(16, 16, 3, 3)).astype(np.int8)
+    fused, packed = lower_and_fuse(_int8_conv_requant_module(w, (1, 16, 8, 8), 1, 1), make_target(X86), avx2_int8=True)
+    fused, n = x86_int8.schedule_packed_convs(fused)
+    assert packed == 1 and n == 1
+    scheduled = [f for _, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+                 and f.attrs is not None and f.attrs.get("tirx.is_scheduled", False)]
+    assert len(scheduled) == 1
+    text = scheduled[0].script()
+    assert "llvm.x86.avx2.pmadd.ub.sw" in text and "llvm.x86.avx2.pmadd.wd" in text and "T.parallel" in text
+
+
+def test_int8_schedule_option_is_checked(tmp_path):
+    with pytest.raises(CompileError, match="int8_schedule"):
+        compile(_matmul_module()[0], X86, int8_schedule="fast", cache_dir=str(tmp_path), progress=False)
+
+
 @needs_avx2
 def test_int8_matmul_packed_matches_numpy(tmp_path):
     rs = np.random.RandomState(6)

@@ -437,14 +437,15 @@ def _main_signature(mod):
 
 def compile(model, target, *, tune_trials: int = 0, cache_dir: str | None = None, threads: int | None = None,  # noqa: A001
             progress: bool = True, input_shapes: dict | None = None, avx2_int8: bool | None = None,
-            seed: int | None = 0) -> Artifact:
+            seed: int | None = 0, int8_schedule: str = "manual") -> Artifact:
     """Compile ``model`` for ``target`` (a TVM target dict/Target/string, or a HardwareSpec).
 
     ``tune_trials``: MetaSchedule trials per distinct kernel (0: no new tuning; records already in the cache are
     still used). ``cache_dir``: tuning database root (default ``~/.cache/hago/tuning``; one subdirectory per
     target and design space). ``threads``: thread count for tuning measurements and for running the artifact.
     ``avx2_int8``: use the packed int8 layouts and the AVX2 tensor intrinsic (default: on for AVX2 targets without
-    VNNI). ``input_shapes``: ``{name: shape}`` for symbolic ONNX inputs (else symbolic dims become 1).
+    VNNI). ``int8_schedule``: ``"manual"`` gives the packed int8 convolutions hago's hand-written schedule
+    (register-blocked, tensorized; no tuning needed), ``"tune"`` leaves them to MetaSchedule. ``input_shapes``: ``{name: shape}`` for symbolic ONNX inputs (else symbolic dims become 1).
     """
     import tvm
 
@@ -460,6 +461,13 @@ def compile(model, target, *, tune_trials: int = 0, cache_dir: str | None = None
         raise
     except Exception as e:  # noqa: BLE001
         raise CompileError(f"compile: lowering for {tgt} failed: {type(e).__name__}: {e}") from e
+    manual = 0
+    if use_avx2 and int8_schedule == "manual":
+        from . import x86_int8
+
+        fused, manual = x86_int8.schedule_packed_convs(fused)
+    elif int8_schedule not in ("manual", "tune"):
+        raise CompileError(f"compile: int8_schedule must be 'manual' or 'tune', got {int8_schedule!r}")
     variant = "avx2-int8" if use_avx2 else "default"
     root = cache_dir if cache_dir is not None else default_cache_dir()
     db_dir = os.path.join(root, target_key(tgt, variant))
@@ -484,7 +492,7 @@ def compile(model, target, *, tune_trials: int = 0, cache_dir: str | None = None
         raise CompileError(f"compile: building for {tgt} failed: {type(e).__name__}: {str(e)[-2000:]}") from e
     if out_names is None:
         out_names = []
-    info = {"avx2_int8": use_avx2, "packed_int8_ops": packed, "compile_seconds": round(time.perf_counter() - t_start, 3),
+    info = {"avx2_int8": use_avx2, "packed_int8_ops": packed, "hand_scheduled_convs": manual, "compile_seconds": round(time.perf_counter() - t_start, 3),
             "tvm": tvm.__version__}
     if not out_names:
         ret = mod["main"].ret_ty if hasattr(mod["main"], "ret_ty") else None

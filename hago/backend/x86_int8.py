@@ -85,7 +85,7 @@ def dot_avx2_reference(a_u8: np.ndarray, w_s8: np.ndarray, *, k_axis_pairs: bool
 # the tensor intrinsics
 
 
-def _make_intrinsics(lanes: int):
+def _make_intrinsics(lanes: int, c_scope: str = "global"):
     from tvm.script import tirx as T
 
     nbytes = lanes * 4
@@ -94,7 +94,7 @@ def _make_intrinsics(lanes: int):
     def desc(
         A: T.Buffer((4,), "uint8", offset_factor=1),
         B: T.Buffer((lanes, 4), "int8", offset_factor=1),
-        C: T.Buffer((lanes,), "int32", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1, scope=c_scope),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
@@ -111,7 +111,7 @@ def _make_intrinsics(lanes: int):
         def impl(
             A: T.Buffer((4,), "uint8", offset_factor=1),
             B: T.Buffer((8, 4), "int8", offset_factor=1),
-            C: T.Buffer((8,), "int32", offset_factor=1),
+            C: T.Buffer((8,), "int32", offset_factor=1, scope=c_scope),
         ) -> None:
             with T.sblock("root"):
                 T.reads(C[0:8], A[0:4], B[0:8, 0:4])
@@ -133,7 +133,7 @@ def _make_intrinsics(lanes: int):
         def impl(
             A: T.Buffer((4,), "uint8", offset_factor=1),
             B: T.Buffer((16, 4), "int8", offset_factor=1),
-            C: T.Buffer((16,), "int32", offset_factor=1),
+            C: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope),
         ) -> None:
             with T.sblock("root"):
                 T.reads(C[0:16], A[0:4], B[0:16, 0:4])
@@ -166,9 +166,10 @@ def register_intrinsics() -> None:
     from tvm.s_tir import TensorIntrin
 
     for name, lanes in ((AVX2_DOT_16x4, 16), (AVX2_DOT_8x4, 8)):
-        if TensorIntrin.get(name, allow_missing=True) is None:
-            desc, impl = _make_intrinsics(lanes)
-            TensorIntrin.register(name, desc, impl)
+        for scope, suffix in (("global", ""), ("local", "_local")):
+            if TensorIntrin.get(name + suffix, allow_missing=True) is None:
+                desc, impl = _make_intrinsics(lanes, scope)
+                TensorIntrin.register(name + suffix, desc, impl)
     _REGISTERED = True
 
 
@@ -323,13 +324,26 @@ def conv2d_nchwc_int8_te(data, kernel, strides, padding, dilation, out_dtype="in
     )
 
 
-def conv2d_nchw_packed_int8_te(data, kernel, strides, padding, dilation, ib: int, out_dtype="int32"):
+def pick_register_block(ow: int) -> tuple[int, int]:
+    """Output pixels per register block of the hand-written conv schedule and the extra output columns needed so
+    that it divides the width: ``(regn, extra)``. Two int32 accumulators (ymm) per pixel, so at most 7 pixels fit
+    beside the weights and the broadcast activation in AVX2's 16 registers."""
+    for r in (4, 7, 6, 5):
+        if ow % r == 0:
+            return r, 0
+    return 4, (-ow) % 4
+
+
+def conv2d_nchw_packed_int8_te(data, kernel, strides, padding, dilation, ib: int, out_dtype="int32",
+                               extra_cols: int = 0):
     """Like :func:`conv2d_nchwc_int8_te` but reads NCHW ``data``: padding and the NCHW -> NCHW{ib}c packing are
-    one producer block of the same kernel (no separate layout-transform pass over the activations)."""
+    one producer block of the same kernel (no separate layout-transform pass over the activations).
+    ``extra_cols`` more output columns are computed (on zero padding) so the register block divides the width."""
     from tvm import te, tirx
 
     n, c, ih, iw = (int(v) for v in data.shape)
     pt, pl, pb, pr = padding
+    pr = pr + extra_cols * int(strides[1])
     ph, pw = ih + pt + pb, iw + pl + pr
 
     def pack(b, cc, y, x, ci):
@@ -345,8 +359,12 @@ def conv2d_nchw_int8_packed_te(data, kernel, strides, padding, dilation, ib: int
     requantize epilogue that follows fuses into it (a separate layout transform would end the fusion group)."""
     from tvm import te
 
-    y5 = conv2d_nchw_packed_int8_te(data, kernel, strides, padding, dilation, ib, out_dtype)
-    n, occ, oh, ow, ob = (int(v) for v in y5.shape)
+    iw = int(data.shape[3])
+    kw = int(kernel.shape[3])
+    ow = (iw + int(padding[1]) + int(padding[3]) - ((kw - 1) * int(dilation[1]) + 1)) // int(strides[1]) + 1
+    _, extra = pick_register_block(ow)
+    y5 = conv2d_nchw_packed_int8_te(data, kernel, strides, padding, dilation, ib, out_dtype, extra_cols=extra)
+    n, occ, oh, _, ob = (int(v) for v in y5.shape)
     return te.compute((n, occ * ob, oh, ow), lambda b, c, y, x: y5[b, c // ob, y, x, c % ob], name="conv2d_unpack")
 
 
@@ -467,3 +485,95 @@ class PackInt8Ops:
         self.count += 1
         return bb.call_te(dense_packed_int8_te, data, relax.const(packed, "int8"), primfunc_name_hint="dense_packed_int8")
 
+
+
+# ---------------------------------------------------------------------------------------------
+# a hand-written schedule for the packed int8 convolutions (no tuning needed)
+
+CONV_BLOCK = "conv2d_NCHWc_int8"
+
+
+def _block_names(sch):
+    root = sch.get_sblock("root")
+    return [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
+
+
+def schedule_packed_conv(func):
+    """Schedule one fused PrimFunc holding a packed int8 conv (``data_pack`` -> ``conv2d_NCHWc_int8`` ->
+    unpack -> requantize epilogue) the way TVM's old x86 ``conv2d_NCHWc_int8`` schedule did:
+
+    * conv: ``regn`` output pixels per register block (:func:`pick_register_block`), loop order
+      ``(n, oc_chunk, oh) | ow_outer | ic_chunk, kh, kw, ic/4 | ow_inner (unrolled) | 16 oc x 4 ic`` with the
+      ``16 x 4`` inner block tensorized by :data:`AVX2_DOT_16x4` (8 x 4 for 8-wide blocks), the outer spatial
+      loops fused and parallel;
+    * every injective block between the conv and the output (unpack, bias, fixed-point requantize, clip, cast)
+      inlined into the output block, which is parallel over ``(n, c, h)``;
+    * the packing block parallel over ``(n, c_chunk, h)``.
+
+    Returns the scheduled PrimFunc (attribute ``tirx.is_scheduled`` set, so MetaSchedule leaves it alone), or
+    None when the function does not have that form.
+    """
+    import tvm
+
+    register_intrinsics()
+    sch = tvm.s_tir.Schedule(func)
+    names = _block_names(sch)
+    if CONV_BLOCK not in names:
+        return None
+    conv = sch.get_sblock(CONV_BLOCK)
+    # inline everything else that can be, except the packing block and the blocks writing the outputs
+    for name in names:
+        if name in (CONV_BLOCK, "data_pack"):
+            continue
+        blk = sch.get_sblock(name)
+        if not sch.get_consumers(blk):  # writes a function output
+            continue
+        try:
+            sch.compute_inline(blk)
+        except Exception:  # noqa: BLE001 - not inlinable (a reduction, or read by two consumers): leave it
+            pass
+    loops = sch.get_loops(conv)
+    if len(loops) != 10:
+        return None
+    b, oc, y, x, oi, kh, kw, ico, icf, ics = loops
+    ext = [int(sch.get(lp).extent) for lp in loops]
+    ow, ob = ext[3], ext[4]
+    intrin = {16: AVX2_DOT_16x4, 8: AVX2_DOT_8x4}.get(ob)
+    if intrin is None or ext[9] != 4:
+        return None
+    regn, extra = pick_register_block(ow)
+    if extra:
+        return None  # the compute was not padded to a multiple of the block
+    for name in _block_names(sch):  # the packing and output blocks: parallel over their three outer loops
+        if name != CONV_BLOCK:
+            lps = sch.get_loops(sch.get_sblock(name))
+            if len(lps) >= 3:
+                sch.parallel(sch.fuse(*lps[:3]))
+    xo, xi = sch.split(x, [None, regn])
+    sch.reorder(b, oc, y, xo, ico, kh, kw, icf, xi, oi, ics)
+    sch.parallel(sch.fuse(b, oc, y))
+    sch.unroll(xi)
+    sch.decompose_reduction(conv, ico)
+    sch.tensorize(oi, intrin)
+    init = sch.get_sblock(CONV_BLOCK + "_init")
+    sch.vectorize(sch.get_loops(init)[-1])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def schedule_packed_convs(mod):
+    """Apply :func:`schedule_packed_conv` to every PrimFunc of ``mod`` that holds a packed int8 conv; returns
+    ``(mod, number scheduled)``. A function the schedule does not fit is left for MetaSchedule."""
+    import tvm
+
+    count = 0
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs and func.attrs.get("tirx.is_scheduled", False)):
+            continue
+        try:
+            new = schedule_packed_conv(func)
+        except Exception:  # noqa: BLE001 - an unexpected form: MetaSchedule or the default pipeline takes it
+            new = None
+        if new is not None:
+            mod[gv] = new
+            count += 1
+    return mod, count
