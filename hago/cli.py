@@ -208,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--measure", default="tvm", help="tvm | onnxruntime")
     r.add_argument("--resume", action="store_true")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--hago-space", action="store_true",
+                   help="search HAGO's space only (bits, float fallbacks, one threshold method): no per-edge methods, "
+                        "granularity, signatures, SPARQ or multipoint choices")
+    r.add_argument("--no-artifact", action="store_true", help="do not compile the TVM artifact of the best model")
     r.add_argument("--out", required=True)
     r.add_argument("--batch-size", type=int, default=16)
     r.set_defaults(fn=cmd_search)

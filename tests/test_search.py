@@ -152,9 +152,21 @@ def test_cli_search(tmp_path, capsys):
     rc = main(["search", str(mp), "--spec", "x86_avx2", "--calib", str(tmp_path / "c.npz"), "--trials", "4",
                "--measure", "onnxruntime", "--strategy", "random", "--out", str(tmp_path / "out")])
     assert rc == 0
-    for f in ("best.qdq.onnx", "search.jsonl", "report.md", "pareto.svg", "result.json"):
+    for f in ("best.qdq.onnx", "search.jsonl", "report.md", "pareto.svg", "result.json", "artifact/model.so",
+              "artifact/manifest.json"):
         assert os.path.exists(tmp_path / "out" / f), f
     assert "Pareto front" in open(tmp_path / "out" / "report.md").read()
+    # HAGO's own space only: no per-edge method / granularity / SPARQ / multipoint choices in the log
+    rc = main(["search", str(mp), "--spec", "x86_avx2", "--calib", str(tmp_path / "c.npz"), "--trials", "3",
+               "--measure", "onnxruntime", "--strategy", "random", "--hago-space", "--no-artifact",
+               "--out", str(tmp_path / "out2")])
+    assert rc == 0 and not os.path.exists(tmp_path / "out2" / "artifact")
+    import json
+
+    for line in open(tmp_path / "out2" / "search.jsonl"):
+        rec = json.loads(line)
+        cfg = rec.get("config") or {}
+        assert not any(cfg.get(k) for k in ("methods", "per_tensor", "signatures", "sparq", "multipoint")), cfg
 
 
 def test_latency_model_ranks_held_out_configs(setup):

@@ -19,7 +19,8 @@ def run_search_command(args) -> int:
     if args.target_rpc:
         measure = "rpc://" + args.target_rpc
     result = hago.search(graph, spec, calib, ev, max_drop=args.max_drop, strategy=args.strategy, budget=args.trials,
-                         measure=measure, log=log, resume=args.resume, seed=args.seed)
+                         measure=measure, log=log, resume=args.resume, seed=args.seed,
+                         extras=not getattr(args, "hago_space", False))
     print(result.summary())
     result.save(os.path.join(args.out, "result.json"))
     if result.best is None:
@@ -30,8 +31,8 @@ def run_search_command(args) -> int:
     from .report import write_report
 
     rep = write_report(result, args.out, qgraph=qg)
-    if measure != "onnxruntime":
-        try:
+    if not getattr(args, "no_artifact", False):
+        try:  # the deployable TVM library for the spec's target (tuning records of the search are reused)
             art = hago.compile(qg, spec)
             art.export(os.path.join(args.out, "artifact"))
         except Exception as e:  # the QDQ model and the report are still useful
