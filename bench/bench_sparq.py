@@ -10,11 +10,10 @@ Accuracy is on the 1,000 held-out MNIST digits (the QDQ model with bit-exact
 trimming runs on onnxruntime). Also the fraction of activation pairs that take
 vSPARQ's 8-bit path on the real calibration activations.
 
-The paper (Shomron et al., NeurIPS 2021, Table 1, ImageNet top-1, 8-bit weights):
-ResNet-18 69.76 fp32 -> vSPARQ 4-bit 69.19 (5 placements, "opt5"), ResNet-50 76.13 -> 75.62,
-with bSPARQ a few tenths below vSPARQ and plain 4-bit activations far below
-(quoted from the paper's text as summarized in shared/reference/seeds.md: "minor
-accuracy loss versus 8-bit"); its hardware model gives about 2x over 8-bit MACs.
+The paper (Shomron et al., NeurIPS 2021, arXiv 2105.11010): its tables could not be read from this machine;
+its abstract says "SPARQ achieves minor accuracy degradation, 2x speedup over widely used hardware
+architectures, and a practical hardware implementation", and the reference code (gilshm/sparq README) names the
+window placements opt5, opt3 and opt2 used here and works "on top 8-bit models".
 hago has no SPARQ kernel: the speed-up appears only in the latency model, flagged as modeled.
 """
 from __future__ import annotations
