@@ -39,7 +39,10 @@ _LIB = "model.so"
 
 
 def _is_qdq(model) -> bool:
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    """A model for :mod:`hago.backend.realize`: QDQ nodes, or hago's packed 4-bit tables (a Gather on a uint8
+    table whose rows are unpacked with BitwiseAnd/BitShift), which realize lowers to a dequantizing gather."""
+    ops = {n.op_type for n in model.graph.node}
+    return bool(ops & {"QuantizeLinear", "DequantizeLinear"}) or {"Gather", "BitShift", "BitwiseAnd"} <= ops
 
 
 def _static_shapes(model, input_shapes: dict | None) -> dict:

@@ -22,6 +22,15 @@ clip bounds. Only when a float consumer needs a value is it dequantized (``(q - 
 op is imported with TVM's ONNX frontend (one node at a time) and run in float; a Q of a float value is
 ``R.quantize`` (x / s, round half to even, + zp, saturate: onnxruntime's QuantizeLinear).
 
+hago's own representations (see :mod:`hago.backend.realize_seeds`): a SPARQ trim of uint8 codes (the LUT/Where
+subgraph of ``hago.ir.qdq``) becomes ``take``/``equal``/``where`` on the codes, which stay a quantized tensor for the
+integer conv/matmul behind it; a packed row-wise embedding table (``hago.passes.embedding``) becomes a ``take`` on the
+packed uint8 table with nibble unpacking and the per-row scale/bias. Multipoint layers (sums of low-bit convs/matmuls
+added in float) stay integer: the branch accumulators are terms of one sum; a MaxPool of such a pending sum whose
+output only goes to a QuantizeLinear requantizes first (max commutes with the monotone requantize), and a
+GlobalAveragePool of it sums on a per-channel int64 grid as fine as the finest term; Reshape/Flatten/Transpose move
+per-channel accumulators.
+
 Rounding of the fixed-point requantize: ``M = s_in / s_out`` is written ``m0 * 2**-shift`` with a 31-bit ``m0``;
 ``v = x * m0`` in int64 and ``y = (v + 2**(shift-1) - 1 + ((v >> shift) & 1)) >> shift``: round half to *even*, the
 rule of onnxruntime's QuantizeLinear (exact ties are common: an average of 4 values, a same-scale residual Add).
@@ -591,6 +600,20 @@ class _Lowering:
             if chain is not None:
                 self.lower_sim_quantizer(node, chain)
                 return
+        if op in ("Cast", "Gather"):
+            # hago's representations written with plain ONNX ops: SPARQ trims, packed embedding tables
+            from . import realize_seeds as seeds
+
+            if op == "Cast":
+                m = seeds.match_sparq(self, node)
+                if m is not None:
+                    seeds.lower_sparq(self, m)
+                    return
+            else:
+                m = seeds.match_embedding(self, node)
+                if m is not None:
+                    seeds.lower_embedding(self, m)
+                    return
         handler = getattr(self, f"op_{op}", None)
         if op not in _INT_TENSOR_OK and any(isinstance(v, _QV) and v.int_tensor for v in ins):
             # an op reading a QuantizeLinear output directly computes on the integers with ONNX semantics
@@ -1118,7 +1141,17 @@ class _Lowering:
         R = self.R
         if len([o for o in node.output if o]) > 1:
             raise _Fallback("MaxPool with an indices output")
-        x = self.as_qv(ins[0], f"MaxPool input {node.input[0]!r}")
+        try:
+            x = self.as_qv(ins[0], f"MaxPool input {node.input[0]!r}")
+            how = ""
+        except _Fallback:
+            if not isinstance(ins[0], (_AccV, _ClampV, _ConcatV)):
+                raise
+            # a pending requantize (e.g. the float sum of multipoint branches, then Relu): when the pooled tensor only
+            # goes (through data movement) to one QuantizeLinear, requantize first and pool the integers; max commutes
+            # with the monotone requantize, so the result is that of pooling the float tensor and quantizing
+            x, q_node = self._requantize_for_consumer_q(node, ins[0])
+            how = f" (input requantized to the grid of {q_node.name!r} first: max commutes with it)"
         a = _attrs(node)
         if len(_shape(x.expr)) != 4:
             raise _Fallback("only 2-D MaxPool is realized in integer")
@@ -1130,7 +1163,41 @@ class _Lowering:
         )
         nodes = _nodes_of(ins[0]) | {node.name}
         self.values[node.output[0]] = _QV(expr, x.scale, x.zp, x.dtype, x.qmin, x.qmax, nodes, x.int_tensor)
-        self.record(node, "integer", f"max_pool2d on {x.dtype}", nodes)
+        self.record(node, "integer", f"max_pool2d on {x.dtype}{how}", nodes)
+
+    # ops through which a monotone requantize can be moved backwards (they commute with it)
+    _MONOTONE_PATH = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Relu", "Clip")
+
+    def _requantize_for_consumer_q(self, node, v):
+        """``v`` requantized to the grid of the one QuantizeLinear that `node`'s output reaches through
+        :attr:`_MONOTONE_PATH` ops, as ``(_QV, Q node)``; raise _Fallback when there is no such Q."""
+        t = node.output[0]
+        for _ in range(64):
+            users = self._consumers.get(t, [])
+            if t in self._graph_outputs or len(users) != 1 or users[0].input[0] != t:
+                raise _Fallback(f"{node.op_type} input {node.input[0]!r} is a pending requantize and its output "
+                                "does not go to a single QuantizeLinear")
+            u = users[0]
+            if u.op_type == "QuantizeLinear" and u.domain in ("", "ai.onnx"):
+                break
+            if u.op_type not in self._MONOTONE_PATH or u.domain not in ("", "ai.onnx") or \
+                    len([o for o in u.output if o]) != 1:
+                raise _Fallback(f"{node.op_type} input {node.input[0]!r} is a pending requantize and its output "
+                                f"goes to {u.op_type}")
+            t = u.output[0]
+        else:  # pragma: no cover - absurdly long chains
+            raise _Fallback("chain to the QuantizeLinear is too long")
+        qins = [None] + [self.values.get(i) if i else None for i in u.input[1:]]
+        try:
+            s, z, elem = self._qparams(u, qins, "QuantizeLinear")
+            dtype, qmin, qmax = qtype_info(elem)
+        except (ModelError, KeyError):
+            raise _Fallback(f"QuantizeLinear {u.name!r} has no constant per-tensor parameters") from None
+        if s.size != 1 or z.size != 1:
+            raise _Fallback(f"QuantizeLinear {u.name!r} is per axis")
+        scale, zp = float(np.ravel(s)[0]), int(np.ravel(z)[0])
+        expr = self.requantize(v, scale, zp, dtype, qmin, qmax, where=f"{node.op_type} {node.name!r}")
+        return _QV(expr, scale, zp, dtype, qmin, qmax, _nodes_of(v)), u
 
     def _pool_pads(self, node, a, xshape):
         auto_pad = a.get("auto_pad", b"NOTSET")
@@ -1212,6 +1279,8 @@ class _Lowering:
 
     def op_GlobalAveragePool(self, node, ins):
         R = self.R
+        if isinstance(ins[0], (_AccV, _ClampV)) and not (isinstance(ins[0], _ClampV) and isinstance(ins[0].inner, _QV)):
+            return self._gap_of_accumulator(node, ins[0])
         x = self.as_qv(ins[0], f"GlobalAveragePool input {node.input[0]!r}")
         shape = _shape(x.expr)
         if len(shape) < 3:
@@ -1227,29 +1296,99 @@ class _Lowering:
         self.values[node.output[0]] = _AccV([term], _shape(acc), nodes)
         self.record(node, "integer", "int32 sum, requantized with 1/count", nodes)
 
+    def _fine_grid(self, v, what: str):
+        """An accumulator (or a Relu/Clip of one) on a per-channel grid ``f`` as fine as its finest term:
+        ``(int64 expr, f (1, C, 1, ...), bits)``; each term is rescaled with the fixed-point multiplier (round half
+        to even), so the value is exact up to half a step of ``f``."""
+        R = self.R
+        lo, hi, inner = -np.inf, np.inf, v
+        if isinstance(v, _ClampV):
+            lo, hi, inner = v.lo, v.hi, v.inner
+        if not isinstance(inner, (_AccV, _QV)):
+            raise _Fallback(f"{what} is not an accumulator")
+        terms = self.terms_of(inner, what)
+        shape = self.shape_of(inner)
+        rank = len(shape)
+        if rank < 2:
+            raise _Fallback(f"{what} has rank {rank}")
+        red = tuple(i for i in range(rank) if i != 1)
+        f = None
+        for t in terms:
+            a = np.abs(np.broadcast_to(t.scale, (1, shape[1]) + tuple(shape[2:])))
+            a = np.where(a > 0, a, np.inf).min(axis=red, keepdims=True)
+            f = a if f is None else np.minimum(f, a)
+        if not np.all(np.isfinite(f)):
+            raise _Fallback(f"{what} has a channel without a nonzero scale")
+        bits = 0
+        fine = []
+        for t in terms:
+            ratio = np.abs(t.scale) / f
+            bits = max(bits, int(t.bits) + int(np.ceil(np.log2(max(float(np.max(ratio)), 1.0)))) + 1)
+            fine.append(_Term(t.expr, t.scale / f, t.zp, t.bits))
+        if bits > 60:
+            raise _Fallback(f"{what}: the terms are too wide for an int64 fine grid")
+        big = 2**62
+        y = self._requant_terms(fine, 1.0, 0, "int64", -big, big, where=what)
+        if np.isfinite(lo):
+            y = self.emit(R.maximum(y, self.const(np.rint(np.float64(lo) / f).astype(np.int64), "int64")))
+        if np.isfinite(hi):
+            y = self.emit(R.minimum(y, self.const(np.rint(np.float64(hi) / f).astype(np.int64), "int64")))
+        return y, f, bits
+
+    def _gap_of_accumulator(self, node, v):
+        R = self.R
+        what = f"GlobalAveragePool input {node.input[0]!r}"
+        y, f, bits = self._fine_grid(v, what)
+        shape = _shape(y)
+        if len(shape) < 3:
+            raise _Fallback("GlobalAveragePool of a tensor of rank < 3")
+        count = int(np.prod(shape[2:]))
+        acc = self.emit(R.sum(y, axis=list(range(2, len(shape))), keepdims=True))
+        nodes = _nodes_of(v) | {node.name}
+        term = _Term(acc, f / count, np.zeros((1,) * len(shape), np.int64),
+                     bits + int(np.ceil(np.log2(max(count, 2)))))
+        self.values[node.output[0]] = _AccV([term], _shape(acc), nodes)
+        self.record(node, "integer", "accumulator rescaled to a per-channel int64 grid as fine as its finest term, "
+                    "int64 sum, requantized with 1/count", nodes)
+
     # ---- data movement on quantized tensors
-    def _movement(self, node, ins, fn, what):
-        x = ins[0]
-        nodes = _nodes_of(x) | {node.name}
+    def _move_value(self, x, fn, np_fn):
+        """`x` (a quantized tensor, an accumulator, or a Relu/Clip of one) moved by `fn` (relax) / `np_fn` (numpy,
+        for per-channel scales), or None."""
+        if isinstance(x, _QV):
+            return _QV(fn(x.expr), x.scale, x.zp, x.dtype, x.qmin, x.qmax, x.nodes, x.int_tensor)
         if isinstance(x, _ClampV):
-            inner = x.inner
-            if isinstance(inner, _QV):
-                moved = _QV(fn(inner.expr), inner.scale, inner.zp, inner.dtype, inner.qmin, inner.qmax, inner.nodes)
-                self.values[node.output[0]] = _ClampV(moved, x.lo, x.hi, nodes)
-                self.record(node, "integer", what, nodes)
-                return
-        if isinstance(x, _AccV) and all(t.scale.size == 1 and t.zp.size == 1 and _shape(t.expr) == x.shape
-                                        for t in x.terms):
-            # a per-tensor accumulator (e.g. activation x activation matmul) moves like a quantized tensor
+            inner = self._move_value(x.inner, fn, np_fn)
+            return None if inner is None else _ClampV(inner, x.lo, x.hi, x.nodes)
+        if not isinstance(x, _AccV):
+            return None
+        if all(t.scale.size == 1 and t.zp.size == 1 and _shape(t.expr) == x.shape for t in x.terms):
             terms = []
             for t in x.terms:
                 e = fn(t.expr)
                 rank = len(_shape(e))
                 terms.append(_Term(e, np.full((1,) * rank, float(t.scale.ravel()[0])),
-                                   np.full((1,) * rank, int(t.zp.ravel()[0]), np.int64)))
-            self.values[node.output[0]] = _AccV(terms, _shape(terms[0].expr), nodes)
-            self.record(node, "integer", what + " (accumulator)", nodes)
-            return
+                                   np.full((1,) * rank, int(t.zp.ravel()[0]), np.int64), t.bits))
+            return _AccV(terms, _shape(terms[0].expr), x.nodes)
+        if np_fn is None:
+            return None
+        terms = []
+        for t in x.terms:
+            e = t.expr if _shape(t.expr) == x.shape else self.emit(self.R.broadcast_to(t.expr, x.shape))
+            e = fn(e)
+            terms.append(_Term(e, _moved_param(t.scale, x.shape, np_fn), _moved_param(t.zp, x.shape, np_fn), t.bits))
+        return _AccV(terms, _shape(terms[0].expr), x.nodes)
+
+    def _movement(self, node, ins, fn, what, np_fn=None):
+        x = ins[0]
+        nodes = _nodes_of(x) | {node.name}
+        if isinstance(x, (_AccV, _ClampV)):
+            moved = self._move_value(x, fn, np_fn)
+            if moved is not None:
+                moved.nodes = nodes
+                self.values[node.output[0]] = moved
+                self.record(node, "integer", what + (" (accumulator)" if isinstance(x, _AccV) else ""), nodes)
+                return
         q = self.as_qv(x, f"{node.op_type} input {node.input[0]!r}")
         self.values[node.output[0]] = _QV(fn(q.expr), q.scale, q.zp, q.dtype, q.qmin, q.qmax, nodes, q.int_tensor)
         self.record(node, "integer", what, nodes)
@@ -1271,18 +1410,21 @@ class _Lowering:
         if -1 in t:
             known = int(np.prod([v for v in t if v != -1]))
             t[t.index(-1)] = int(np.prod(shape_in)) // max(known, 1)
-        self._movement(node, ins, lambda e: self.emit(self.R.reshape(e, t)), "reshape on integers")
+        self._movement(node, ins, lambda e: self.emit(self.R.reshape(e, t)), "reshape on integers",
+                       lambda a: a.reshape(t))
 
     def op_Flatten(self, node, ins):
         shape_in = self.shape_of(ins[0])
         axis = int(_attrs(node).get("axis", 1)) % (len(shape_in) + 1) if shape_in else 0
         t = [int(np.prod(shape_in[:axis])), int(np.prod(shape_in[axis:]))]
-        self._movement(node, ins, lambda e: self.emit(self.R.reshape(e, t)), "flatten on integers")
+        self._movement(node, ins, lambda e: self.emit(self.R.reshape(e, t)), "flatten on integers",
+                       lambda a: a.reshape(t))
 
     def op_Transpose(self, node, ins):
         rank = len(self.shape_of(ins[0]))
         perm = list(_attrs(node).get("perm", list(range(rank))[::-1]))
-        self._movement(node, ins, lambda e: self.emit(self.R.permute_dims(e, perm)), "transpose on integers")
+        self._movement(node, ins, lambda e: self.emit(self.R.permute_dims(e, perm)), "transpose on integers",
+                       lambda a: np.transpose(a, perm))
 
     def op_Squeeze(self, node, ins):
         shape_in = self.shape_of(ins[0])
@@ -1290,7 +1432,8 @@ class _Lowering:
         if axes is None:
             axes = [i for i, d in enumerate(shape_in) if d == 1]
         t = [d for i, d in enumerate(shape_in) if i not in {int(a) % len(shape_in) for a in axes}]
-        self._movement(node, ins, lambda e: self.emit(self.R.reshape(e, t)), "squeeze on integers")
+        self._movement(node, ins, lambda e: self.emit(self.R.reshape(e, t)), "squeeze on integers",
+                       lambda a: a.reshape(t))
 
     def op_Unsqueeze(self, node, ins):
         shape_in = list(self.shape_of(ins[0]))
@@ -1300,7 +1443,8 @@ class _Lowering:
         t = shape_in
         for a in axes:
             t = t[:a] + [1] + t[a:]
-        self._movement(node, ins, lambda e: self.emit(self.R.reshape(e, t)), "unsqueeze on integers")
+        self._movement(node, ins, lambda e: self.emit(self.R.reshape(e, t)), "unsqueeze on integers",
+                       lambda a: a.reshape(t))
 
     def op_Identity(self, node, ins):
         self.values[node.output[0]] = ins[0]
@@ -1378,6 +1522,18 @@ class _Lowering:
         fgv = self.bb.add_func(main, f"hago_fb{uid}_{(node.op_type or 'op').lower()}")
         self._pending_funcs.append(fgv)
         return self.emit(relax.Call(fgv, args))
+
+
+def _moved_param(p: np.ndarray, shape: tuple, np_fn) -> np.ndarray:
+    """A term's scale or zero point (broadcastable to `shape`) moved like its tensor, with the axes along which it is
+    constant kept at size 1."""
+    out = np.asarray(np_fn(np.broadcast_to(np.asarray(p), shape)))
+    for ax in range(out.ndim):
+        if out.shape[ax] > 1:
+            first = np.take(out, [0], axis=ax)
+            if np.all(out == first):
+                out = first
+    return np.ascontiguousarray(out)
 
 
 def _scaled_const(c: _Value, beta: float) -> _Value:
