@@ -184,6 +184,7 @@ def _conv_ref_general(x, w, stride, pad):
     (32, 13, 32, 1, 1, 0),  # width 13 (prime): computed on 16 columns, 3 cropped
     (16, 15, 32, 3, 2, 1),  # stride 2, two output-channel blocks
     (8, 7, 16, 3, 1, 1),    # 8 input channels (ib 8), width 7
+    (3, 9, 10, 3, 1, 1),    # RGB input (3 channels padded to 4), 10 outputs (padded to 16, cropped)
 ])
 def test_hand_scheduled_int8_conv_is_exact(tmp_path, c, hw, k, ksz, stride, pad):
     rs = np.random.RandomState(c + hw + k)
@@ -221,11 +222,12 @@ def test_int8_schedule_option_is_checked(tmp_path):
 
 
 @needs_avx2
-def test_int8_matmul_packed_matches_numpy(tmp_path):
+@pytest.mark.parametrize("k,n", [(32, 16), (30, 10)])  # (30, 10): zero-padded to 32 x 16, output cropped
+def test_int8_matmul_packed_matches_numpy(tmp_path, k, n):
     rs = np.random.RandomState(6)
-    w = rs.randint(-63, 64, size=(32, 16)).astype(np.int8)
+    w = rs.randint(-63, 64, size=(k, n)).astype(np.int8)
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((4, 32), "uint8"))
+    x = relax.Var("x", relax.TensorType((4, k), "uint8"))
     with bb.function("main", [x]):
         with bb.dataflow():
             y = bb.emit(relax.op.matmul(x, relax.const(w), out_dtype="int32"))
@@ -233,15 +235,18 @@ def test_int8_matmul_packed_matches_numpy(tmp_path):
         bb.emit_func_output(o)
     art = compile(bb.get(), X86, avx2_int8=True, cache_dir=str(tmp_path), progress=False)
     assert art.info["packed_int8_ops"] == 1
-    xv = rs.randint(0, 256, size=(4, 32)).astype(np.uint8)
+    xv = rs.randint(0, 256, size=(4, k)).astype(np.uint8)
     np.testing.assert_array_equal(art.run({"x": xv})[0], xv.astype(np.int64) @ w.astype(np.int64))
 
 
 def test_pack_int8_ops_skips_what_it_cannot_pack():
-    w = np.ones((10, 3, 3, 3), np.int8)  # IC=3 not a multiple of 4, OC=10 not a multiple of 16
+    w = np.ones((16, 16, 3, 3), np.int8)
     p = x86_int8.PackInt8Ops()
-    p(_int8_conv_module(w, shape=(1, 3, 8, 8)))
+    p(_int8_conv_module(w.astype(np.float32), shape=(1, 16, 8, 8)))  # not an int8 conv: left alone
     assert p.count == 0
+    p = x86_int8.PackInt8Ops()
+    p(_int8_conv_module(np.ones((10, 3, 3, 3), np.int8), shape=(1, 3, 8, 8)))  # odd channels: padded, packed
+    assert p.count == 1
 
 
 def test_vpmaddubsw_reference_saturates():

@@ -335,28 +335,34 @@ def pick_register_block(ow: int) -> tuple[int, int]:
 
 
 def conv2d_nchw_packed_int8_te(data, kernel, strides, padding, dilation, ib: int, out_dtype="int32",
-                               extra_cols: int = 0):
+                               extra_cols: int = 0):  # noqa: PLR0913
     """Like :func:`conv2d_nchwc_int8_te` but reads NCHW ``data``: padding and the NCHW -> NCHW{ib}c packing are
     one producer block of the same kernel (no separate layout-transform pass over the activations).
     ``extra_cols`` more output columns are computed (on zero padding) so the register block divides the width."""
     from tvm import te, tirx
 
     n, c, ih, iw = (int(v) for v in data.shape)
+    c_p = int(kernel.shape[1]) * ib  # input channels of the packed weights (>= c: zero-padded)
     pt, pl, pb, pr = padding
     pr = pr + extra_cols * int(strides[1])
     ph, pw = ih + pt + pb, iw + pl + pr
 
     def pack(b, cc, y, x, ci):
-        cond = tirx.all(y >= pt, y < ih + pt, x >= pl, x < iw + pl)
-        return tirx.if_then_else(cond, data[b, cc * ib + ci, y - pt, x - pl], tirx.const(0, data.dtype))
+        inside = [y >= pt, y < ih + pt, x >= pl, x < iw + pl]
+        if c_p != c:
+            inside.append(cc * ib + ci < c)
+        ch = tirx.min(cc * ib + ci, c - 1) if c_p != c else cc * ib + ci
+        return tirx.if_then_else(tirx.all(*inside), data[b, ch, y - pt, x - pl], tirx.const(0, data.dtype))
 
-    dp = te.compute((n, c // ib, ph, pw, ib), pack, name="data_pack")
+    dp = te.compute((n, c_p // ib, ph, pw, ib), pack, name="data_pack")
     return conv2d_nchwc_int8_te(dp, kernel, strides, (0, 0, 0, 0), dilation, out_dtype)
 
 
-def conv2d_nchw_int8_packed_te(data, kernel, strides, padding, dilation, ib: int, out_dtype="int32"):
+def conv2d_nchw_int8_packed_te(data, kernel, strides, padding, dilation, ib: int, out_dtype="int32",
+                               out_channels: int | None = None):
     """NCHW u8 in, NCHW int32 out; packs the data, computes in NCHW{ob}c and unpacks in one kernel, so that the
-    requantize epilogue that follows fuses into it (a separate layout transform would end the fusion group)."""
+    requantize epilogue that follows fuses into it (a separate layout transform would end the fusion group).
+    ``out_channels``: the real output channels when the packed weights carry zero-padded ones (cropped here)."""
     from tvm import te
 
     iw = int(data.shape[3])
@@ -365,21 +371,32 @@ def conv2d_nchw_int8_packed_te(data, kernel, strides, padding, dilation, ib: int
     _, extra = pick_register_block(ow)
     y5 = conv2d_nchw_packed_int8_te(data, kernel, strides, padding, dilation, ib, out_dtype, extra_cols=extra)
     n, occ, oh, _, ob = (int(v) for v in y5.shape)
-    return te.compute((n, occ * ob, oh, ow), lambda b, c, y, x: y5[b, c // ob, y, x, c % ob], name="conv2d_unpack")
+    oc = occ * ob if out_channels is None else int(out_channels)
+    return te.compute((n, oc, oh, ow), lambda b, c, y, x: y5[b, c // ob, y, x, c % ob], name="conv2d_unpack")
 
 
-def dense_packed_int8_te(data, kernel, out_dtype="int32"):
-    """TE compute: ``data`` ``[..., K]`` uint8, ``kernel`` ``[N/ob, K/4, ob, 4]`` int8 -> ``[..., N]`` int32."""
-    from tvm import te
+def dense_packed_int8_te(data, kernel, out_dtype="int32", out_features: int | None = None):
+    """TE compute: ``data`` ``[..., K]`` uint8, ``kernel`` ``[N/ob, K'/4, ob, 4]`` int8 -> ``[..., N]`` int32.
+    ``K' >= K`` and ``N' = N/ob * ob >= out_features`` when the packed weights carry zero padding (the padded
+    reduction reads zeros, the padded outputs are not computed)."""
+    from tvm import te, tirx
 
     lead = [int(v) for v in data.shape[:-1]]
+    k_real = int(data.shape[-1])
     nb, kb, ob, _ = (int(v) for v in kernel.shape)
     ko = te.reduce_axis((0, kb), name="k_outer")
     ki = te.reduce_axis((0, 4), name="k_inner")
+    n_out = nb * ob if out_features is None else int(out_features)
+
+    def load(idx, k):
+        if kb * 4 == k_real:
+            return data[(*idx[:-1], k)]
+        return tirx.if_then_else(k < k_real, data[(*idx[:-1], tirx.min(k, k_real - 1))], tirx.const(0, data.dtype))
+
     return te.compute(
-        (*lead, nb * ob),
+        (*lead, n_out),
         lambda *idx: te.sum(
-            data[(*idx[:-1], ko * 4 + ki)].astype(out_dtype)
+            load(idx, ko * 4 + ki).astype(out_dtype)
             * kernel[idx[-1] // ob, ko, idx[-1] % ob, ki].astype(out_dtype),
             axis=[ko, ki],
         ),
@@ -454,9 +471,15 @@ class PackInt8Ops:
         if data.ty.dtype != "uint8" or w.dtype != np.int8:
             return None
         o, i = w.shape[:2]
-        ib = self._pick_ib(i)
-        if not ib or o % self.ob:
+        # channel counts that do not fit the blocks (3 input channels of an RGB image, 1000 classes) are padded
+        # with zero weights: the packing block reads zeros for the extra input channels, the unpack crops the
+        # extra output channels
+        i_p, o_p = -(-i // 4) * 4, -(-o // self.ob) * self.ob
+        ib = self._pick_ib(i_p)
+        if not ib:
             return None
+        if (i_p, o_p) != (i, o):
+            w = np.pad(w, ((0, o_p - o), (0, i_p - i), (0, 0), (0, 0)))
         packed = pack_conv_weight(w, ib, self.ob)
         pad = [int(v) for v in a.padding]
         if len(pad) == 2:
@@ -464,7 +487,7 @@ class PackInt8Ops:
         self.count += 1
         return bb.call_te(
             conv2d_nchw_int8_packed_te, data, relax.const(packed, "int8"),
-            [int(v) for v in a.strides], pad, [int(v) for v in a.dilation], ib,
+            [int(v) for v in a.strides], pad, [int(v) for v in a.dilation], ib, "int32", o,
             primfunc_name_hint="conv2d_nchwc_int8",
         )
 
@@ -479,11 +502,15 @@ class PackInt8Ops:
         if str(call.attrs.out_dtype) != "int32" or data.ty.dtype != "uint8" or w.dtype != np.int8:
             return None
         k, n = w.shape
-        if k % 4 or n % self.ob or dshape[-1] != k:
+        if dshape[-1] != k:
             return None
+        k_p, n_p = -(-k // 4) * 4, -(-n // self.ob) * self.ob  # zero-pad to whole blocks (1000 classes: 1008)
+        if (k_p, n_p) != (k, n):
+            w = np.pad(w, ((0, k_p - k), (0, n_p - n)))
         packed = pack_dense_weight(w, self.ob)
         self.count += 1
-        return bb.call_te(dense_packed_int8_te, data, relax.const(packed, "int8"), primfunc_name_hint="dense_packed_int8")
+        return bb.call_te(dense_packed_int8_te, data, relax.const(packed, "int8"), "int32", n,
+                          primfunc_name_hint="dense_packed_int8")
 
 
 
