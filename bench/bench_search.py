@@ -124,7 +124,7 @@ def main():
     print(f"machine: {machine()}; threads {a.threads}; measure {a.measure}; budget {a.budget} measured trials\n")
     ortl = OrtLatency(threads=a.threads, repeat=30, warmup=5)
     rows = []
-    for name in a.models.split(","):
+    for name in (a.models.split(",") if a.budget > 0 else []):  # --budget 0: only --spearman / --compare-strategies
         g, calib, ev, metric, metric_name = get_task(name, a.calib, a.eval)
         with tempfile.TemporaryDirectory() as d:
             m_ort8 = ort_int8(g.to_onnx(), calib, d)
@@ -134,16 +134,19 @@ def main():
         t_search = time.perf_counter() - t0
         from hago.search.space import Config
 
-        all_int = [t for t in res.history if t.config.key() == Config().key()]
-        a8 = all_int[0] if all_int else None
-        a8_lat = a8.latency_ms if a8 is not None and a8.latency_ms is not None else float("nan")
-        a8_acc = a8.accuracy if a8 is not None and a8.accuracy is not None else float("nan")
-        a8_ok = a8 is not None and a8.accuracy is not None and a8.accuracy >= res.fp32_accuracy - a.max_drop / 100
+        from hago.search.evaluate import Evaluator
+
+        # hago all-INT8 (every integer edge at the spec's bits, MSE thresholds: the search's starting point)
+        E = Evaluator(g, hago.load_spec("x86_avx2"), calib, ev, metric)
+        qg8 = E.build(Config())
+        a8_acc = E.accuracy(qg8)
+        a8_ok = a8_acc >= res.fp32_accuracy - a.max_drop / 100
+        a8_lat = float("nan")
         best = res.best
         # the final figures: FP32, onnxruntime INT8, hago all-INT8 and hago's searched model timed side by side,
         # interleaved over 5 rounds (median of the per-round medians), so drift of the machine hits all alike
         finals = {"fp32": g.to_onnx(), "ort8": m_ort8, "best": res.apply(g).to_qdq()}
-        finals["a8"] = hago.quantize(g, "x86_avx2", calib, method="mse", progress=False).to_qdq()  # = Config()
+        finals["a8"] = qg8.to_qdq()
         rounds = {k: [] for k in finals}
         for _ in range(5):
             for k, m in finals.items():
@@ -163,9 +166,10 @@ def main():
               f"{t_ort8:.3f} ms, hago all-int8 {a8_lat:.3f} ms ({a8_acc * 100:.2f}, "
               f"{'meets' if a8_ok else 'breaks'} the budget), hago searched {t_best:.3f} ms ({best.accuracy * 100:.2f}, "
               f"{row['n_float']} float nodes), {row['trials']} trials in {t_search:.0f} s", flush=True)
-    print(f"\n| model | metric | fp32 acc | ORT fp32 ms | ORT int8 ms | hago all-int8 ms (acc) | hago searched ms (acc) "
+    if rows:
+        print(f"\n| model | metric | fp32 acc | ORT fp32 ms | ORT int8 ms | hago all-int8 ms (acc) | hago searched ms (acc) "
           f"| searched vs fp32 | searched vs ORT int8 | float nodes | search s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['metric']} | {r['fp32_acc'] * 100:.2f} | {r['ort_fp32']:.3f} | {r['ort_int8']:.3f} | "
               f"{r['a8_lat']:.3f} ({r['a8_acc'] * 100:.2f}{'' if r['a8_ok'] else ', over budget'}) | "

@@ -90,17 +90,51 @@ def test_deterministic_under_seed(setup, tmp_path):
 def test_log_resume_after_kill(setup, tmp_path):
     log = str(tmp_path / "s.jsonl")
     m1 = FakeLatency()
-    r1 = _run(setup, tmp_path, strategy="random", budget=6, seed=1, log=log, measure=m1)
+    r1 = _run(setup, tmp_path, strategy="random", budget=6, seed=1, log=log, measure=m1, confirm=0)
     lines = open(log).read().splitlines()
     assert json.loads(lines[0])["type"] == "header" and len(lines) == 1 + len(r1.history)
     # simulate kill -9 in the middle of writing the last trial
     with open(log, "w") as f:
         f.write("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
     m2 = FakeLatency()
-    r2 = _run(setup, tmp_path / "c2", strategy="random", budget=6, seed=1, log=log, resume=True, measure=m2)
+    r2 = _run(setup, tmp_path / "c2", strategy="random", budget=6, seed=1, log=log, resume=True, measure=m2,
+              confirm=0)
     assert [t.config.key() for t in r2.history] == [t.config.key() for t in r1.history]
     assert m2.calls == 1  # only the trial in flight was measured again
     assert all(json.loads(line) for line in open(log).read().splitlines())
+
+
+class SpikyLatency(FakeLatency):
+    """FakeLatency whose first measurement of the all-integer configuration is a 3x spike (a machine hiccup)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __call__(self, qg):
+        ms = super().__call__(qg)
+        key = qg.options.get("config", {}).get("float_nodes") == [] and not qg.options["config"].get("bits")
+        if key and "all-int" not in self.seen:
+            self.seen.add("all-int")
+            return 3.0 * ms
+        return ms
+
+
+def test_confirm_remeasures_finalists(setup, tmp_path):
+    log = str(tmp_path / "s.jsonl")
+    # without the confirmation round the spike decides: the all-integer config loses to a slower one
+    r0 = _run(setup, tmp_path / "a", strategy="model", budget=6, seed=1, measure=SpikyLatency(), confirm=0)
+    r1 = _run(setup, tmp_path / "b", strategy="model", budget=6, seed=1, measure=SpikyLatency(), confirm=3, log=log)
+    all_int = [t for t in r1.history if not t.config.float_nodes and not t.config.bits]
+    assert all_int and all_int[0].confirmed == 4  # the first sample + 3 rounds; median drops the spike
+    assert r1.best.latency_ms <= r0.best.latency_ms
+    assert r1.best.config.key() == all_int[0].config.key() != r0.best.config.key()
+    recs = [json.loads(line) for line in open(log)]
+    assert any(r["type"] == "confirm" for r in recs)
+    from hago.search.log import read_log
+
+    rows = {r["key"]: r for r in read_log(log, r1.model_hash, r1.spec_hash)}
+    assert rows[all_int[0].config.key()]["confirmed"] == 4
 
 
 def test_log_from_other_model_refused(setup, tmp_path):

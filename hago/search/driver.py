@@ -49,6 +49,7 @@ class Trial:
     predicted_ms: float | None = None
     measured_ms: float | None = None  # what the measurer returned, when latency_ms is modeled from it
     modeled: str = ""  # "sparq": latency_ms = measured_ms of the plain 8-bit config with the modeled SPARQ speed-up
+    confirmed: int = 0  # latency_ms is the median of this many measurements (the final confirmation round)
 
     @property
     def ok(self) -> bool:
@@ -58,13 +59,13 @@ class Trial:
         return {"index": self.index, "strategy": self.strategy, "config": self.config.to_dict(), "key": self.config.key(),
                 "accuracy": self.accuracy, "latency_ms": self.latency_ms, "status": self.status, "error": self.error,
                 "seconds": round(self.seconds, 3), "predicted_ms": self.predicted_ms, "measured_ms": self.measured_ms,
-                "modeled": self.modeled}
+                "modeled": self.modeled, "confirmed": self.confirmed}
 
     @staticmethod
     def from_dict(d: dict) -> "Trial":
         return Trial(d["index"], d["strategy"], Config.from_dict(d["config"]), d.get("accuracy"), d.get("latency_ms"),
                      d.get("status", "ok"), d.get("error", ""), d.get("seconds", 0.0), d.get("predicted_ms"),
-                     d.get("measured_ms"), d.get("modeled", ""))
+                     d.get("measured_ms"), d.get("modeled", ""), d.get("confirmed", 0))
 
 
 def pareto_front(trials: list[Trial]) -> list[Trial]:
@@ -254,6 +255,54 @@ class Driver:
             self._bar.update(1)
         return t
 
+    def confirm(self, k: int = 4, rounds: int = 3) -> list[Trial]:
+        """Re-measure the ``k`` fastest configurations that meet the objective, the all-float reference and the
+        all-integer one (when it meets the objective), interleaved over ``rounds`` rounds, and keep the median of all their measurements as their latency.
+
+        One measurement per configuration decides nothing when two candidates are a few percent apart and the
+        machine drifts; measuring the finalists side by side, in turn, makes "never slower than FP32" and "at least
+        as fast as all-INT8" hold up to the noise of a median rather than of a single sample. Trials whose latency
+        is modeled (SPARQ) keep it. Returns the re-measured trials (each logged again with ``confirmed``)."""
+        if rounds < 1:
+            return []
+        ok = [t for t in self.history if t.ok and t.latency_ms is not None and not t.modeled]
+        if self.objective["kind"] == "accuracy":
+            lim = self.objective.get("latency_budget_ms")
+            feas = sorted([t for t in ok if lim is None or t.latency_ms <= lim * 1.1], key=lambda t: -t.accuracy)[:k]
+        else:
+            feas = sorted([t for t in ok if t.accuracy >= self.accuracy_floor() - 1e-12], key=lambda t: t.latency_ms)[:k]
+        all_int = Config.make({}, (), self.default_method, self.space).key()  # the all-integer reference
+        refs = [t for t in ok if t.strategy == "fp32"
+                or (t.config.key() == all_int and t.accuracy >= self.accuracy_floor() - 1e-12)]
+        cands = list({t.config.key(): t for t in feas + refs}.values())
+        if len(cands) < 2:
+            return []
+        qgs, samples = {}, {}
+        for t in cands:
+            try:
+                qgs[t.config.key()] = self.ev.build(t.config)
+                samples[t.config.key()] = [t.latency_ms]
+            except Exception:  # noqa: BLE001 - keep its first measurement
+                pass
+        for _ in range(rounds):
+            for t in cands:
+                key = t.config.key()
+                if key in qgs:
+                    try:
+                        samples[key].append(float(self.measurer(qgs[key])))
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception:  # noqa: BLE001 - a failed re-measurement leaves the others
+                        pass
+        out = []
+        for t in cands:
+            key = t.config.key()
+            if key in samples and len(samples[key]) > 1:
+                t.latency_ms, t.confirmed = float(np.median(samples[key])), len(samples[key])
+                self.log.append(t.to_dict(), kind="confirm")
+                out.append(t)
+        return out
+
     # -- objective ------------------------------------------------------------------
     def best(self) -> Trial | None:
         ok = [t for t in self.history if t.ok and t.latency_ms is not None]
@@ -322,11 +371,15 @@ def search(graph, spec, calib_data, eval_data=None, metric=None, *, objective: s
            relative: bool = False, latency_budget_ms: float | None = None, strategy: str = "model", budget: int = 32,
            measure="onnxruntime", log: str | None = None, resume: bool | str = False, seed: int = 0,
            threads: int | None = None, tune_trials: int = 0, cache_dir: str | None = None, method: str = "mse",
-           min_bits: int = 4, progress: bool = True, per_channel: bool = True, extras: bool = True) -> SearchResult:
+           min_bits: int = 4, progress: bool = True, per_channel: bool = True, extras: bool = True,
+           confirm: int = 3) -> SearchResult:
     """Search bits, float fallbacks and thresholds (see the module docstring).
 
     ``extras=False`` limits the space to HAGO's (bits, float fallbacks, one method for all edges): no per-edge
     methods, granularity, signatures, SPARQ or multipoint choices.
+
+    ``confirm``: rounds of the final side-by-side re-measurement of the finalists and the all-float reference
+    (:meth:`Driver.confirm`; 0 turns it off).
 
     ``objective``: ``"latency"`` (minimize latency with accuracy drop <= ``max_drop``
     points, or ``max_drop`` percent of fp32 with ``relative=True``), ``"accuracy"``
@@ -360,6 +413,8 @@ def search(graph, spec, calib_data, eval_data=None, metric=None, *, objective: s
         fp32 = d.trial(Config.make({}, d.space.nodes, method, d.space), "fp32")  # the all-float reference point
         fp32_ms = fp32.latency_ms
         STRATEGIES[strategy](d)
+        d.confirm(rounds=confirm)
+        fp32_ms = fp32.latency_ms
     except KeyboardInterrupt:
         interrupted = True
     finally:

@@ -42,6 +42,10 @@ def read_log(path: str, model_hash: str, spec_hash: str) -> list[dict]:
             continue  # the trial in flight when the process was killed
         if r.get("type") == "trial":
             rows.append(r)
+        elif r.get("type") == "confirm":  # a finalist re-measured: its latency is the median of the rounds
+            for row in rows:
+                if row.get("key") == r.get("key"):
+                    row["latency_ms"], row["confirmed"] = r.get("latency_ms"), r.get("confirmed", 0)
     return rows
 
 
@@ -70,10 +74,11 @@ class TrialLog:
                     f.write("\n".join(good) + "\n")
                 os.replace(tmp, path)
 
-    def append(self, row: dict) -> None:
+    def append(self, row: dict, kind: str = "trial") -> None:
+        """Append one record (``trial``, or ``confirm`` for a finalist's re-measured latency) and fsync."""
         if self.path is None:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"type": "trial", **row}) + "\n")
+            f.write(json.dumps({"type": kind, **row}) + "\n")
             f.flush()
             os.fsync(f.fileno())
