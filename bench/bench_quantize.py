@@ -10,11 +10,19 @@ reduce_range off and on (7-bit weights, as on AVX2 without VNNI). The same
 calibration samples go to both. All QDQ models are evaluated by onnxruntime
 with its default optimizations (what a user deploys; on this AVX2 CPU its
 integer kernels run) and hago's also as exact simulation (``sim``).
-Calibration time is wall time of the quantize call on this machine.
+Calibration time is wall time of the quantize call on this machine (hago.quantize:
+graph preparation + calibration; quantize_static: calibration + writing the
+QDQ model), the minimum over ``--repeat`` rounds that each time every
+quantizer once (interleaved: both sides see the same machine load); a table at the end of each
+model puts each hago method next to onnxruntime's method of the same kind
+(minmax/MinMax, percentile/Percentile, kl/Entropy; auto and mse next to
+onnxruntime's histogram methods).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import tempfile
@@ -56,9 +64,10 @@ def ort_quantize(graph, calib, method: str, reduce_range: bool, out: str) -> flo
     onnx.save(graph.to_onnx(), src)
     quant_pre_process(src, pre, skip_symbolic_shape=True)
     t0 = time.perf_counter()
-    quantize_static(pre, out, _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
-                    calibrate_method=getattr(CalibrationMethod, method))
+    with contextlib.redirect_stdout(io.StringIO()):  # its calibrators print progress
+        quantize_static(pre, out, _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
+                        calibrate_method=getattr(CalibrationMethod, method))
     return time.perf_counter() - t0
 
 
@@ -76,13 +85,15 @@ def mnist_task(name):
 
     test = list(datasets.batches(xte, 200, inp, yte))
 
+    fp32_pred = []
+
     def accuracy(model):
+        """(top-1, fraction of test digits whose prediction equals fp32's: a label-free fidelity measure)."""
         sess = rt.session(model if isinstance(model, (str, bytes)) else model)
-        tot = 0
-        for b in test:
-            out = sess.run(None, {inp: b[inp]})[0]
-            tot += int((out.argmax(1) == b["label"]).sum())
-        return tot / len(yte)
+        pred = np.concatenate([sess.run(None, {inp: b[inp]})[0].argmax(1) for b in test])
+        if not fp32_pred:
+            fp32_pred.append(pred)
+        return float(np.mean(pred == yte)), float(np.mean(pred == fp32_pred[0]))
 
     def accuracy_sim(qg):
         return qg.evaluate(test)
@@ -100,8 +111,14 @@ def ocr_task(n_lines):
     def calib(n):
         return list(ocr.calib_batches(n=n, seed=1))
 
+    fp32_pred = []
+
     def accuracy(model):
-        return ocr.evaluate(model if isinstance(model, str) else model, images, texts)
+        """(character accuracy, character agreement with fp32's reading: a label-free fidelity measure)."""
+        pred = ocr.predict(model, images)
+        if not fp32_pred:
+            fp32_pred.append(pred)
+        return ocr.char_accuracy(pred, texts), ocr.char_accuracy(pred, fp32_pred[0])
 
     def accuracy_sim(qg):
         return ocr.evaluate(qg.to_qdq(), images, texts, optimize="basic")
@@ -109,40 +126,92 @@ def ocr_task(n_lines):
     return path, g, calib, accuracy, accuracy_sim, "char acc %"
 
 
-def run(task_name, task, n_calib, methods, ort_methods, reduce_range=(False, True)):
+# hago method family -> onnxruntime CalibrationMethod of the same kind
+MATCHED = {"minmax": "MinMax", "percentile": "Percentile", "kl": "Entropy", "entropy": "Entropy"}
+
+
+def _clock(fn) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def run(task_name, task, n_calib, methods, ort_methods, reduce_range=(False, True), repeat=1):
+    """Accuracy of every quantizer, then calibration timing: ``repeat`` rounds, each timing every hago method
+    and every onnxruntime configuration once (interleaved, so that both sides see the same machine load);
+    the minimum per quantizer is reported."""
     path, g, calib_fn, acc, acc_sim, unit = task
     calib = calib_fn(n_calib)
-    rows = []
-    print(f"\n## {task_name} ({unit}; {sum(next(iter(b.values())).shape[0] for b in calib)} calibration samples)\n")
-    print("| quantizer | weights | accuracy (deployed, ORT) | accuracy (hago simulation) | calibration s |")
-    print("|---|---|---|---|---|", flush=True)
-
-    def emit(row):
-        name, w, a, s, t = row
-        sa = "" if s is None else f"{s * 100:.2f}"
-        ts = "" if t is None else f"{t:.2f}"
-        print(f"| {name} | {w} | {a * 100:.2f} | {sa} | {ts} |", flush=True)
-        rows.append(row)
-
-    fp32 = acc(path)
-    emit(("fp32", "", fp32, None, None))
+    methods = [x for x in methods if x]
+    log = lambda msg: print(f"  [{task_name}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     spec = hago.load_spec("x86_avx2")
-    for m in [x for x in methods if x]:
-        t0 = time.perf_counter()
-        qg = hago.quantize(g, spec, calib, method=m)
-        dt = time.perf_counter() - t0
-        chosen = qg.calibration.get("method", m)
-        emit((f"hago {m}" + (f" ({chosen})" if m == "auto" else ""), "W7A8 per-channel", acc(qg.to_qdq()), acc_sim(qg), dt))
+    hago.quantize(g, spec, calib[:1], method="minmax")  # warm-up (imports, onnxruntime start), not timed
+    rows = [("fp32", "", acc(path), None, None)]
+    times: dict = {}
     with tempfile.TemporaryDirectory() as d:
+        for m in methods:
+            qg, dt = _clock(lambda: hago.quantize(g, spec, calib, method=m))
+            times[("hago", m)] = [dt]
+            chosen = qg.calibration.get("method", m)
+            rows.append(((f"hago {m}" + (f" ({chosen})" if m == "auto" else "")), "W7A8 per-channel",
+                         acc(qg.to_qdq()), acc_sim(qg), ("hago", m)))
+            log(f"hago {m}: {dt:.2f} s")
         for rr in reduce_range:
             for m in ort_methods:
                 out = os.path.join(d, f"ort_{m}_{rr}.onnx")
                 try:
                     dt = ort_quantize(g, calib, m, rr, out)
-                    emit((f"ort {m}", f"W{'7' if rr else '8'}A8 per-channel", acc(out), None, dt))
+                    times[("ort", m, rr)] = [dt]
+                    rows.append((f"ort {m}", f"W{'7' if rr else '8'}A8 per-channel", acc(out), None, ("ort", m, rr)))
+                    log(f"ort {m} W{'7' if rr else '8'}: {dt:.2f} s")
                 except Exception as e:  # report, don't hide
-                    emit((f"ort {m}", f"failed: {type(e).__name__}: {str(e)[:60]}", float('nan'), None, None))
+                    rows.append((f"ort {m}", f"failed: {type(e).__name__}: {str(e)[:60]}", (float("nan"),) * 2,
+                                 None, None))
+        for r in range(1, repeat):
+            for key in times:
+                if key[0] == "hago":
+                    times[key].append(_clock(lambda: hago.quantize(g, spec, calib, method=key[1]))[1])
+                else:
+                    times[key].append(ort_quantize(g, calib, key[1], key[2], os.path.join(d, "scratch.onnx")))
+            log(f"timing round {r + 1}/{repeat} done")
+    best = {k: min(v) for k, v in times.items()}
+    print(f"\n## {task_name} ({unit}; {sum(next(iter(b.values())).shape[0] for b in calib)} calibration samples; "
+          f"calibration s = min of {repeat} interleaved run(s))\n")
+    print("| quantizer | weights | accuracy (deployed, ORT) | agrees with fp32 (deployed) | accuracy (hago simulation) "
+          "| calibration s |")
+    print("|---|---|---|---|---|---|")
+    for name, w, (a, agree), sim, key in rows:
+        sa = "" if sim is None else f"{sim * 100:.2f}"
+        ts = "" if key is None else f"{best[key]:.2f}"
+        print(f"| {name} | {w} | {a * 100:.2f} | {agree * 100:.2f} | {sa} | {ts} |")
+    calibration_table(task_name, {k[1]: t for k, t in best.items() if k[0] == "hago"},
+                      {(k[1], k[2]): t for k, t in best.items() if k[0] == "ort"}, reduce_range)
     return rows
+
+
+def calibration_table(task_name, hago_t: dict, ort_t: dict, reduce_range) -> None:
+    """Per-method calibration seconds, hago next to onnxruntime's method of the same kind."""
+    print(f"\n### {task_name}: calibration seconds, hago vs onnxruntime (same samples, same run)\n")
+    cols = [f"ORT W{'7' if rr else '8'}" for rr in reduce_range]
+    print("| hago method | hago s | ORT method | " + " | ".join(f"{c} s" for c in cols) + " | hago / faster ORT |")
+    print("|---|---|---|" + "---|" * len(cols) + "---|")
+    hist_ort = [m for m in ("Percentile", "Entropy") if any((m, rr) in ort_t for rr in reduce_range)]
+    for m, t in hago_t.items():
+        fam = m.split(":", 1)[0]
+        if fam in MATCHED:
+            om = [MATCHED[fam]]
+        elif fam in ("auto", "mse", "lp"):  # no onnxruntime counterpart: next to its histogram methods
+            om = hist_ort
+        else:
+            om = ["MinMax"] if fam == "avg_range" else []
+        for o in om:
+            ts = [ort_t.get((o, rr)) for rr in reduce_range]
+            have = [x for x in ts if x is not None]
+            if not have:
+                continue
+            verdict = f"{t / min(have):.2f} " + ("(not slower)" if t <= min(have) else "(SLOWER)")
+            print(f"| {m} | {t:.2f} | {o} | " + " | ".join("" if x is None else f"{x:.2f}" for x in ts) + f" | {verdict} |")
+    print(flush=True)
 
 
 def main():
@@ -153,6 +222,9 @@ def main():
     ap.add_argument("--methods", default="auto,minmax,avg_range,percentile:99.99,mse,kl")
     ap.add_argument("--ort-methods", default="MinMax,Entropy,Percentile,Distribution")
     ap.add_argument("--reduce-range", default="both", choices=["both", "on", "off"])
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="time each quantizer this many times, interleaved, and report the minimum "
+                         "(default 5; 1 for ppocr_rec)")
     a = ap.parse_args()
     import platform
 
@@ -161,7 +233,9 @@ def main():
     for name in a.models.split(","):
         task = ocr_task(a.ocr_lines) if name == "ppocr_rec" else mnist_task(name)
         rr = {"both": (False, True), "on": (True,), "off": (False,)}[a.reduce_range]
-        run(name, task, a.calib if name != "ppocr_rec" else min(a.calib, 64), a.methods.split(","), a.ort_methods.split(","), rr)
+        repeat = a.repeat if a.repeat is not None else (1 if name == "ppocr_rec" else 5)
+        run(name, task, a.calib if name != "ppocr_rec" else min(a.calib, 64), a.methods.split(","), a.ort_methods.split(","), rr,
+            repeat=repeat)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from .hwspec import HardwareSpec, load_spec
 from .ir import Graph, load
 from .ir.graph import REASON_KEY, SIGNATURE_KEY
 from .ir.qdq import to_qdq
+from .calibrate.auto import AUTO_METHODS  # noqa: F401  (re-exported)
 from .runtime import ort as rt
 
 
@@ -171,42 +172,11 @@ def mark_sparq(g: Graph, spec: HardwareSpec, mode: str | None = "spec") -> int:
     return n
 
 
-AUTO_METHODS = ("minmax", "percentile:99.99", "percentile:99.9", "mse", "kl")
-
-
 def _calibrate_auto(g: Graph, calib_data, threads, progress):
-    """Try each threshold method on the whole network; keep the one whose outputs are closest to fp32.
+    """Try each method of AUTO_METHODS; keep the one whose outputs are closest to fp32 (:mod:`hago.calibrate.auto`)."""
+    from .calibrate.auto import calibrate_auto
 
-    Statistics are collected once (one min/max pass and one histogram pass);
-    each candidate costs one QDQ run over the calibration batches. The error is
-    the mean squared difference of the model outputs, normalized by their
-    variance (an inverse SQNR).
-    """
-    import time
-
-    from .calibrate import CalibrationReport, _materialize, activation_edges, apply_ranges, collect_stats
-
-    t0 = time.perf_counter()
-    batches = _materialize(calib_data, g.input_names)
-    names = [v.name for v, _ in activation_edges(g)]
-    obs = collect_stats(g, batches, names, histogram=True, threads=threads, progress=progress)
-    ref_sess = rt.session(g.to_onnx(), threads=threads, source=g.source)
-    refs = [rt.run(ref_sess, b, None, i) for i, b in enumerate(batches)]
-    scores = {}
-    for m in AUTO_METHODS:
-        apply_ranges(g, obs, method=m)
-        sess = rt.session(to_qdq(g), threads=threads, optimize="basic", source=g.source)
-        err = 0.0
-        for i, b in enumerate(batches):
-            for r, o in zip(refs[i], rt.run(sess, b, None, i)):
-                err += float(np.mean((r - o) ** 2) / (np.var(r) + 1e-12))
-        scores[m] = err / len(batches)
-    best = min(scores, key=scores.get)
-    apply_ranges(g, obs, method=best)
-    g.history.append("calibrate auto: " + ", ".join(f"{m} {s:.3g}" for m, s in scores.items()) + f" -> {best}")
-    return CalibrationReport(batches=len(batches), samples=int(sum(next(iter(b.values())).shape[0] for b in batches)),
-                             seconds=time.perf_counter() - t0, edges=len(names), histogram=True, method=best,
-                             candidates=scores)
+    return calibrate_auto(g, calib_data, threads=threads, progress=progress)
 
 
 def summary(graph: Graph, spec: HardwareSpec, calibration: dict | None = None) -> str:

@@ -2,8 +2,10 @@
 
 :func:`calibrate` runs the float model on onnxruntime over the calibration
 batches with the annotated activation edges as extra outputs and feeds
-streaming observers (one pass; a second pass fills histograms when a method
-needs one). Weights are calibrated from their constants, per channel where
+streaming observers: one pass gives min/max and, when a method needs one, a
+histogram that grows with the data; only ``kl``/``entropy`` take a second pass
+(a histogram on exactly the final range: TensorRT's KL search is chaotic in
+the bin edges). Weights are calibrated from their constants, per channel where
 annotated. Edges tied to another edge (outputs of MaxPool, Reshape, Relu...)
 reuse its parameters; bias scales are input scale x weight scale.
 """
@@ -17,9 +19,9 @@ import numpy as np
 from ..errors import CalibrationError
 from ..ir.graph import Graph
 from ..runtime import ort as rt
-from .observers import EdgeObserver, needs_histogram, weight_range
+from .observers import EdgeObserver, needs_exact_histogram, needs_histogram, weight_range
 
-__all__ = ["calibrate", "collect_stats", "finalize_derived", "CalibrationReport"]
+__all__ = ["calibrate", "collect_stats", "run_observers", "finalize_derived", "CalibrationReport"]
 
 
 class CalibrationReport(dict):
@@ -41,21 +43,43 @@ def _materialize(data: Iterable, input_names) -> list[dict]:
 
 
 def collect_stats(graph: Graph, data, names, *, bins: int = 2048, histogram: bool = False, threads=None,
-                  progress=None) -> dict[str, EdgeObserver]:
-    """Run the float model over ``data`` and return an observer per edge name."""
-    model = rt.with_outputs(graph.to_onnx(), names)
-    batches = _materialize(data, graph.input_names)
-    obs = {n: EdgeObserver(n, bins) for n in names}
-    names = list(names)
-    sess = rt.session(model, threads=threads, source=graph.source)
+                  progress=None, two_pass: bool = False) -> dict[str, EdgeObserver]:
+    """Run the float model over ``data`` and return an observer per edge name.
 
+    One run per batch feeds min/max and (``histogram=True``) the histograms
+    every threshold method reads. ``two_pass=True`` instead fills the histograms
+    in a second run over the data on the final min/max range.
+    """
+    return run_observers(graph, data, names, bins=bins, histogram=histogram, threads=threads, progress=progress,
+                         two_pass=two_pass)[0]
+
+
+def run_observers(graph: Graph, data, names, *, bins: int = 2048, histogram: bool = False, threads=None,
+                  progress=None, two_pass: bool = False, keep_outputs: bool | int = False):
+    """:func:`collect_stats` that also returns the model outputs (``[[output arrays] per batch]``, from the
+    same runs) of every batch (``keep_outputs=True``) or of the first ``keep_outputs`` batches, for a
+    comparison with a quantized model."""
+    names = list(dict.fromkeys(names))
+    batches = _materialize(data, graph.input_names)
+    model = graph.to_onnx()
+    outputs = [o.name for o in model.graph.output] if keep_outputs else []
+    fetch = list(dict.fromkeys(names + outputs))
+    model = rt.with_outputs(model, fetch)
+    stream = histogram and not two_pass
+    obs = {n: EdgeObserver(n, bins, histogram=stream) for n in names}
+    sess = rt.session(model, threads=threads, source=graph.source)
+    pos = {n: i for i, n in enumerate(fetch)}
+    kept = []
     for i, feeds in enumerate(batches):
-        outs = rt.run(sess, feeds, names, i)
-        for n, a in zip(names, outs):
-            obs[n].update(a)
+        outs = rt.run(sess, feeds, fetch, i)
+        for n in names:
+            obs[n].update(outs[pos[n]])
+        if outputs and (keep_outputs is True or i < keep_outputs):
+            kept.append([outs[pos[n]] for n in outputs])
+        del outs
         if progress:
             progress(1)
-    if histogram:
+    if histogram and two_pass:
         for o in obs.values():
             o.start_histogram()
         for i, feeds in enumerate(batches):
@@ -64,7 +88,7 @@ def collect_stats(graph: Graph, data, names, *, bins: int = 2048, histogram: boo
                 obs[n].update_histogram(a)
             if progress:
                 progress(1)
-    return obs
+    return obs, kept
 
 
 def calibrate(graph: Graph, data, *, method: str | None = None, weight_method: str | None = None,
@@ -83,9 +107,10 @@ def calibrate(graph: Graph, data, *, method: str | None = None, weight_method: s
     batches = _materialize(data, graph.input_names)
     names = [v.name for v, _ in acts]
     hist = any(needs_histogram(a.method) for _, a in acts)
+    two_pass = any(needs_exact_histogram(a.method) for _, a in acts)
     if observers is None or (hist and any(observers[n].hist is None for n in names)):
         observers = collect_stats(graph, batches, names, bins=bins, histogram=hist, threads=threads,
-                                  progress=progress) if names else {}
+                                  progress=progress, two_pass=two_pass) if names else {}
     apply_ranges(graph, observers, weight_method=weight_method)
     report = CalibrationReport(batches=len(batches), samples=int(sum(next(iter(b.values())).shape[0] for b in batches)),
                                seconds=time.perf_counter() - t0, edges=len(acts), histogram=hist)
@@ -98,15 +123,19 @@ def activation_edges(graph: Graph):
     return [(v, a) for v, a in graph.annotated() if a.kind == "activation" and not a.fixed and a.tied_to is None]
 
 
-def apply_ranges(graph: Graph, observers: dict, *, method: str | None = None, weight_method: str | None = None) -> None:
-    """Ranges from observers (activations) and constants (weights), then derived parameters."""
+def apply_ranges(graph: Graph, observers: dict, *, method: str | None = None, weight_method: str | None = None,
+                 weights: bool = True) -> None:
+    """Ranges from observers (activations) and constants (weights), then derived parameters.
+
+    ``weights=False`` leaves the weights as they are (already calibrated: only the activation method changes).
+    """
     for v, a in activation_edges(graph):
         if method:
             a.method = method
         lo, hi = observers[v.name].range(a.method, a)
         a.set_range(lo, hi)
     for v, a in graph.annotated():
-        if a.kind == "weight" and not a.fixed:
+        if weights and a.kind == "weight" and not a.fixed:
             if weight_method:
                 a.method = weight_method
             w = Graph.const(v)

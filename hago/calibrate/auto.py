@@ -1,0 +1,201 @@
+"""``method="auto"``: pick the activation threshold method whose quantized network is closest to fp32.
+
+Cost, in runs of the model over the calibration batches:
+
+* one float run per batch feeds every observer (min/max and a histogram) and
+  keeps the float outputs as the reference;
+* each candidate method's ranges come from those histograms (no run);
+* the candidates are scored on one QDQ model whose activation quantization
+  parameters (scales, zero points, clip bounds, bias codes: what differs between
+  candidates) are graph inputs, so a candidate costs feeds, not a model export
+  and a session; that session runs onnxruntime's float optimizations (layout,
+  fusions) without its QDQ-to-integer fusion: hago's float simulation, faster;
+* scoring races the candidates batch by batch: once ``min(16, n/4)`` samples
+  are scored, a candidate whose mean error is more than ``RACE_RATIO`` times the
+  best one's is dropped, and scoring ends when one is left or after the batches
+  that reach ``SCORE_SAMPLES`` samples (at least one; only their float outputs
+  are kept). Candidates with identical parameters are scored once.
+
+The error is the mean squared difference of the model outputs, normalized by
+their variance (an inverse SQNR), averaged over the scored batches.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..ir.graph import Graph
+from ..runtime import ort as rt
+
+AUTO_METHODS = ("minmax", "percentile:99.99", "percentile:99.9", "mse", "kl")
+RACE_RATIO = 1.5
+SCORE_SAMPLES = 64
+
+
+def output_error(refs: list[np.ndarray], outs: list[np.ndarray]) -> float:
+    """Sum over outputs of ``mean((ref - out)^2) / var(ref)``."""
+    err = 0.0
+    for r, o in zip(refs, outs):
+        if r.dtype.kind != "f":
+            r, o = r.astype(np.float64), o.astype(np.float64)
+        err += float(np.mean((r - o) ** 2) / (np.var(r) + 1e-12))
+    return err
+
+
+def quant_params(graph: Graph) -> dict[str, np.ndarray]:
+    """The initializers :func:`hago.ir.qdq.to_qdq` writes for activation and bias quantizers (the ones that
+    depend on activation ranges), computed without exporting the model."""
+    from ..ir.annotation import DTYPES, quantize_array
+    from ..ir.qdq import _NP_DTYPE, _Q_DTYPES, _scale_zp
+
+    out: dict[str, np.ndarray] = {}
+    for v, a in graph.annotated():
+        name = v.name
+        if a.kind == "weight":
+            continue
+        if a.kind == "bias":
+            b = Graph.const(v)
+            if b is None or a.dtype not in _NP_DTYPE:
+                continue
+            scale, zp = _scale_zp(a, name, a.dtype)
+            out[name + "__q"] = quantize_array(np.asarray(b, np.float32), a).astype(_NP_DTYPE[a.dtype])
+            out[name + "__scale"], out[name + "__zp"] = scale, zp
+            continue
+        if a.dtype in ("int4", "uint4"):
+            continue
+        scale, zp = _scale_zp(a, name, a.dtype)
+        if a.dtype in _Q_DTYPES:
+            if not (a.bits == DTYPES[a.dtype][1] and not a.narrow):
+                out[name + "__lo"] = np.array(np.float32((a.qmin - float(zp)) * float(scale)), np.float32)
+                out[name + "__hi"] = np.array(np.float32((a.qmax - float(zp)) * float(scale)), np.float32)
+            out[name + "__scale"], out[name + "__zp"] = scale, zp
+        else:
+            out[name + "__scale"], out[name + "__zp"] = scale, np.asarray(zp, np.float32)
+    return out
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+
+
+def scoring_session(base: onnx.ModelProto, params: list[dict[str, np.ndarray]], threads=None,
+                    source: str = "<model>", optimize: bool | str = True):
+    """One session for QDQ models that differ only in some initializer values.
+
+    ``base`` is one of them; ``params[i]`` maps initializer names to model
+    ``i``'s values. The names whose values differ between models become graph
+    inputs. Returns ``(session, feeds)`` with ``feeds[i]`` the inputs for model ``i``.
+    ``optimize=True``: onnxruntime's float optimizations without its QDQ fusion
+    (float kernels may round differently from ``"basic"``, hago's reference
+    simulation, by float32 ulps that can move a value to the next code).
+    """
+    import onnxruntime as ort
+
+    variable = [k for k in params[0] if any(not _same(p[k], params[0][k]) for p in params[1:])]
+    model = onnx.ModelProto()
+    model.CopyFrom(base)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    var = set(variable)
+    keep = [t for t in g.initializer if t.name not in var]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    for k in variable:
+        t = inits[k]
+        g.input.append(helper.make_tensor_value_info(k, t.data_type, list(t.dims)))
+    feeds = [{k: p[k] for k in variable} for p in params]
+    if optimize != True:  # noqa: E712
+        return rt.session(model, threads=threads, optimize=optimize, source=source), feeds
+    rt._quiet()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.disable_quant_qdq", "1")  # float simulation, no integer kernels
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception:  # pragma: no cover - a model an optimization cannot take: the plain simulation
+        sess = rt.session(model, threads=threads, optimize="basic", source=source)
+    return sess, feeds
+
+
+def _candidate_models(g: Graph, obs: dict, methods) -> tuple[onnx.ModelProto, list[dict]]:
+    """The QDQ model of the first method and every method's activation/bias quantizer initializers."""
+    from ..ir.qdq import to_qdq
+    from . import apply_ranges
+
+    apply_ranges(g, obs, method=methods[0])
+    base = to_qdq(g)
+    inits = {t.name: t for t in base.graph.initializer}
+    params = [quant_params(g)]
+    mirrored = all(k in inits and _same(numpy_helper.to_array(inits[k]), v) for k, v in params[0].items())
+    for m in methods[1:]:
+        apply_ranges(g, obs, method=m, weights=False)
+        if mirrored:
+            params.append(quant_params(g))
+        else:  # export each candidate and compare what quantize_params does not know
+            model = to_qdq(g)
+            if [n.input for n in model.graph.node] != [n.input for n in base.graph.node]:
+                raise RuntimeError("auto calibration: candidate QDQ models differ in structure")
+            params.append({t.name: numpy_helper.to_array(t) for t in model.graph.initializer})
+    if not mirrored:
+        weights = {v.name for v, a in g.annotated() if a.kind == "weight"}
+        first = {t.name: numpy_helper.to_array(t) for t in base.graph.initializer
+                 if t.name.split("__")[0] not in weights}
+        params[0] = first
+        params[1:] = [{k: p[k] for k in first} for p in params[1:]]
+    return base, params
+
+
+def calibrate_auto(g: Graph, calib_data, threads=None, progress=None, methods=AUTO_METHODS,
+                   race_ratio: float = RACE_RATIO, score_samples: int = SCORE_SAMPLES):
+    """Set every activation range with the method of ``methods`` whose outputs are closest to fp32."""
+    from . import CalibrationReport, _materialize, activation_edges, apply_ranges, run_observers
+
+    t0 = time.perf_counter()
+    methods = list(methods)
+    batches = _materialize(calib_data, g.input_names)
+    names = [v.name for v, _ in activation_edges(g)]
+    sizes = [int(next(iter(b.values())).shape[0]) for b in batches]
+    total = sum(sizes)
+    budget = max(1, int(np.searchsorted(np.cumsum(sizes), score_samples) + 1))  # batches reaching the budget
+    obs, refs = run_observers(g, batches, names, histogram=True, threads=threads, progress=progress,
+                              keep_outputs=budget)
+    base, params = _candidate_models(g, obs, methods)
+    # candidates with identical parameters share one score
+    keys = [tuple((k, v.tobytes()) for k, v in sorted(f.items())) for f in params]
+    first: dict = {}
+    owner = [first.setdefault(k, i) for i, k in enumerate(keys)]
+    alive = sorted(set(owner))
+    errs: dict[int, list[float]] = {i: [] for i in alive}
+    if len(alive) > 1:
+        sess, feeds = scoring_session(base, params, threads=threads, source=g.source)
+    warmup = min(16, total / 4)
+    seen = 0
+    for bi, b in enumerate(batches):
+        if len(alive) == 1 or bi >= budget:
+            break
+        for i in alive:
+            errs[i].append(output_error(refs[bi], rt.run(sess, {**b, **feeds[i]}, None, bi)))
+        seen += sizes[bi]
+        if progress:
+            progress(1)
+        if seen >= warmup and len(alive) > 1:
+            means = {i: float(np.mean(errs[i])) for i in alive}
+            lead = min(means.values())
+            alive = [i for i in alive if means[i] <= race_ratio * lead]
+    mean = {i: float(np.mean(e)) if e else 0.0 for i, e in errs.items()}
+    best = methods[min(alive, key=lambda i: (mean[i], i))]
+    apply_ranges(g, obs, method=best, weights=False)
+    scores = {m: mean[owner[i]] for i, m in enumerate(methods)}
+    scored = {m: len(errs[owner[i]]) for i, m in enumerate(methods)}
+    g.history.append("calibrate auto: " + ", ".join(f"{m} {scores[m]:.3g} ({scored[m]} batches)" for m in methods)
+                     + f" -> {best}")
+    return CalibrationReport(batches=len(batches), samples=total, seconds=time.perf_counter() - t0,
+                             edges=len(names), histogram=True, method=best, candidates=scores,
+                             scored_batches=scored)
