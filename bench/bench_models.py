@@ -37,29 +37,12 @@ from common import image_batches, machine  # noqa: E402
 
 
 def profile_artifact(art, feeds, top: int, runs: int = 5):
-    """The ``top`` most expensive kernels (by total time over ``runs`` runs, per run), timed by a Relax VM
-    instrument around every call instruction; returns ([(kernel, ms per run, share)], total ms per run)."""
-    import tvm
-    from tvm import relax
+    """The ``top`` most expensive kernels (:func:`hago.backend.measure.profile`) and the sum over all kernels."""
+    from hago.backend.measure import profile
 
-    vm = relax.VirtualMachine(art.executable, art.device())
-    args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), art.device()) for n in art.input_names]
-    vm["main"](*args)  # warm-up
-    per, t0 = {}, [0.0]
-
-    def instrument(func, name, before, ret, *a):
-        if before:
-            t0[0] = time.perf_counter()
-        else:
-            per[name] = per.get(name, 0.0) + (time.perf_counter() - t0[0])
-        return 0
-
-    vm.set_instrument(tvm.ffi.convert(instrument) if hasattr(tvm, "ffi") else instrument)
-    for _ in range(runs):
-        vm["main"](*args)
-    total = sum(per.values()) or 1.0
-    rows = [(k, v * 1e3 / runs, v / total) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top]]
-    return rows, total * 1e3 / runs
+    rows = profile(art, feeds, runs=runs)
+    total = sum(r["ms"] for r in rows) or 1.0
+    return [(r["kernel"], r["ms"], r["ms"] / total) for r in rows[:top]], total
 
 
 def main(argv=None) -> int:

@@ -95,3 +95,29 @@ def test_measure_rpc_unreachable_raises_device_error(tmp_path):
     art = compile(_tiny_module(), "llvm", cache_dir=str(tmp_path), progress=False)
     with pytest.raises(HagoError):  # DeviceError: nothing listens on port 1
         measure(art, None, repeat=2, rpc="127.0.0.1:1:nokey")
+
+
+def test_profile_kernels_of_an_artifact(tmp_path):
+    from hago.backend.measure import profile
+
+    art = compile(_tiny_module(), "llvm", cache_dir=str(tmp_path), progress=False)
+    rows = profile(art, None, runs=3)
+    assert rows and all(r["ms"] >= 0 and r["calls"] >= 1 for r in rows)
+    assert rows == sorted(rows, key=lambda r: -r["ms"])
+
+
+def test_profile_nodes_of_onnxruntime():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hago.runtime.ort import profile_nodes
+
+    w = numpy_helper.from_array(np.random.RandomState(0).rand(64, 64).astype(np.float32), "W")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+                           helper.make_node("Relu", ["h"], ["y"], name="act")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 64])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    rows = profile_nodes(m, runs=3)
+    assert {r["op"] for r in rows} & {"MatMul", "FusedMatMul", "Gemm"}
+    assert all(r["ms"] >= 0 for r in rows)

@@ -189,7 +189,9 @@ def test_cli_search(tmp_path, capsys):
     for f in ("best.qdq.onnx", "search.jsonl", "report.md", "pareto.svg", "result.json", "artifact/model.so",
               "artifact/manifest.json"):
         assert os.path.exists(tmp_path / "out" / f), f
-    assert "Pareto front" in open(tmp_path / "out" / "report.md").read()
+    rep = open(tmp_path / "out" / "report.md").read()
+    assert "Pareto front" in rep and "## Latency breakdown of the best model" in rep
+    assert os.path.exists(tmp_path / "out" / "breakdown.svg")
     # HAGO's own space only: no per-edge method / granularity / SPARQ / multipoint choices in the log
     rc = main(["search", str(mp), "--spec", "x86_avx2", "--calib", str(tmp_path / "c.npz"), "--trials", "3",
                "--measure", "onnxruntime", "--strategy", "random", "--hago-space", "--no-artifact",

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..errors import DeviceError, HagoError
 
-__all__ = ["MeasureStats", "measure", "measure_onnxruntime", "random_inputs", "set_num_threads", "stats_from_samples"]
+__all__ = ["MeasureStats", "measure", "measure_onnxruntime", "profile", "random_inputs", "set_num_threads",
+           "stats_from_samples"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,3 +186,41 @@ def measure_onnxruntime(model, inputs=None, threads: int = 1, repeat: int = 30, 
     feeds = {i.name: inputs[i.name] for i in ins}
     samples = _time_loop(lambda: sess.run(None, feeds), repeat, warmup, number)
     return stats_from_samples(samples, device=f"onnxruntime-{ort.__version__}:cpu", threads=int(threads))
+
+
+def profile(artifact, inputs=None, *, runs: int = 5, threads: int | None = None) -> list[dict]:
+    """Where the time goes in a compiled artifact: wall time of every kernel call of the Relax VM (timed by a VM
+    instrument around each call instruction), summed per kernel and averaged over ``runs`` runs after a warm-up.
+    Rows ``{"kernel", "ms", "calls"}`` sorted by time. Local artifacts only."""
+    ok, why = artifact.runnable()
+    if not ok:
+        raise DeviceError(f"profile: artifact for {artifact.target_str} cannot run here ({why})")
+    if inputs is None:
+        inputs = random_inputs(artifact.input_names, artifact.input_shapes, artifact.input_dtypes)
+    set_num_threads(threads or getattr(artifact, "threads", None))
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(artifact.executable, artifact.device())
+    dev = artifact.device()
+    args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[n]), dev) for n in artifact.input_names]
+    vm["main"](*args)  # warm-up
+    per: dict[str, list] = {}
+    t0 = [0.0]
+
+    def instrument(func, name, before, ret, *a):
+        if before:
+            t0[0] = time.perf_counter()
+        else:
+            dev.sync()
+            row = per.setdefault(str(name), [0.0, 0])
+            row[0] += time.perf_counter() - t0[0]
+            row[1] += 1
+        return 0
+
+    vm.set_instrument(instrument)
+    for _ in range(max(1, runs)):
+        vm["main"](*args)
+    n = max(1, runs)
+    rows = [{"kernel": k, "ms": v[0] * 1e3 / n, "calls": v[1] // n} for k, v in per.items()]
+    return sorted(rows, key=lambda r: -r["ms"])

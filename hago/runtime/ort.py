@@ -114,3 +114,52 @@ def iterate(model, data: Iterable[dict], fn: Callable[[int, dict, list[np.ndarra
         fn(i, batch, run(sess, feeds, outputs, i))
         n += 1
     return n
+
+
+def profile_nodes(model, feeds: dict | None = None, *, threads: int = 1, runs: int = 10) -> list[dict]:
+    """Where the time goes in onnxruntime: per-node kernel time (ms per run, averaged over ``runs`` profiled runs
+    after one warm-up), from onnxruntime's own profiler, sorted by time. Each row: ``{"node", "op", "ms"}``.
+    ``feeds``: ``{input name: array}`` (random ones of the right shapes when None)."""
+    import json
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory(prefix="hago-prof-") as d:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(d, "ort")
+        data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+        sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        if feeds is None:
+            tmap = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
+                    "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+            rs = np.random.RandomState(0)
+            feeds = {i.name: rs.rand(*[s if isinstance(s, int) else 1 for s in i.shape]).astype(
+                tmap.get(i.type, np.float32)) for i in sess.get_inputs()}
+        names = {i.name for i in sess.get_inputs()}
+        feeds = {k: v for k, v in feeds.items() if k in names}
+        sess.run(None, feeds)
+        for _ in range(max(1, runs)):
+            sess.run(None, feeds)
+        path = sess.end_profiling()
+        with open(path) as f:
+            events = json.load(f)
+    per: dict[str, dict] = {}
+    run_events = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                        key=lambda e: e["ts"])
+    warm_end = run_events[0]["ts"] + run_events[0]["dur"] if run_events else -1  # the warm-up run is left out
+    for e in events:
+        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time") or e.get("ts", 0) <= warm_end:
+            continue
+        name = e["name"][: -len("_kernel_time")]
+        row = per.setdefault(name, {"node": name, "op": e.get("args", {}).get("op_name", "?"), "us": 0.0})
+        row["us"] += float(e.get("dur", 0))
+    n = max(1, runs) if run_events else max(1, runs) + 1
+    rows = [{"node": r["node"], "op": r["op"], "ms": r["us"] / 1e3 / n} for r in per.values()]
+    return sorted(rows, key=lambda r: -r["ms"])

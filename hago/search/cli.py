@@ -30,12 +30,25 @@ def run_search_command(args) -> int:
     qg.save(os.path.join(args.out, "best.qdq.onnx"))
     from .report import write_report
 
-    rep = write_report(result, args.out, qgraph=qg)
+    art = None
     if not getattr(args, "no_artifact", False):
         try:  # the deployable TVM library for the spec's target (tuning records of the search are reused)
-            art = hago.compile(qg, spec)
+            art = hago.compile(qg, spec, progress=False)
             art.export(os.path.join(args.out, "artifact"))
         except Exception as e:  # the QDQ model and the report are still useful
             print(f"note: could not compile the artifact: {type(e).__name__}: {e}")
+    breakdown, source = None, ""
+    try:  # where the best model's time goes, on what the search measured
+        if measure == "onnxruntime":
+            from ..runtime.ort import profile_nodes
+
+            breakdown, source = profile_nodes(qg.to_qdq(), runs=5), "onnxruntime profiler (QDQ model, 1 thread)"
+        elif art is not None and art.runnable()[0]:
+            from ..backend.measure import profile
+
+            breakdown, source = profile(art, runs=5), "TVM Relax VM, per kernel call"
+    except Exception as e:  # noqa: BLE001 - the report is still useful without it
+        print(f"note: no latency breakdown: {type(e).__name__}: {e}")
+    rep = write_report(result, args.out, qgraph=qg, breakdown=breakdown, breakdown_source=source)
     print(f"wrote {args.out}/best.qdq.onnx, {log}, {rep}")
     return 0

@@ -74,7 +74,20 @@ COLORS = {"fp32": "#888888", "greedy": "#d62728", "batched_greedy": "#ff7f0e", "
           "model:seed": "#17becf"}
 
 
-def write_report(result, out_dir: str, sensitivity: dict | None = None, qgraph=None) -> str:
+def _kernel_op(name: str) -> str:
+    """A TVM fused kernel's leading op (``fused_conv2d_nchwc_int83_add6...`` -> ``conv2d_nchwc_int8``)."""
+    import re
+
+    base = name[len("fused_"):] if name.startswith("fused_") else name
+    first = base.split("_")[0] if "conv2d" not in base else "conv2d" + ("_nchwc_int8" if "nchwc_int8" in base else "")
+    return re.sub(r"\d+$", "", first) or name
+
+
+def write_report(result, out_dir: str, sensitivity: dict | None = None, qgraph=None,
+                 breakdown: list[dict] | None = None, breakdown_source: str = "") -> str:
+    """Write ``report.md`` and its SVG plots into ``out_dir``. ``breakdown``: where the best model's time goes,
+    rows ``{"node" or "kernel", "op"?, "ms"}`` from onnxruntime's profiler or the TVM VM's
+    (:func:`hago.runtime.ort.profile_nodes`, :func:`hago.backend.measure.profile`)."""
     os.makedirs(out_dir, exist_ok=True)
     ok = [t for t in result.history if t.ok and t.latency_ms is not None]
     pts = [(t.latency_ms, t.accuracy * 100, COLORS.get(t.strategy, "#9467bd")) for t in ok]
@@ -92,6 +105,11 @@ def write_report(result, out_dir: str, sensitivity: dict | None = None, qgraph=N
         items = sorted(sensitivity.items(), key=lambda kv: -kv[1] if kv[1] == kv[1] else 0)[:60]
         files["sensitivity.svg"] = _svg_bars([k for k, _ in items], [v for _, v in items],
                                              "per-node sensitivity (output error, only that node integer)", "1/SQNR")
+    if breakdown:
+        top = breakdown[:40]
+        files["breakdown.svg"] = _svg_bars([str(r.get("node") or r.get("kernel"))[-40:] for r in top],
+                                           [r["ms"] for r in top], "latency breakdown of the best model (top kernels)",
+                                           "ms per run")
     files["latency.svg"] = _svg_bars([str(t.index) for t in ok], [t.latency_ms for t in ok], "latency of each measured trial", "ms")
     for name, svg in files.items():
         if svg:
@@ -135,6 +153,21 @@ def write_report(result, out_dir: str, sensitivity: dict | None = None, qgraph=N
         src = "modeled (SPARQ)" if getattr(t, "modeled", "") else "measured"
         lines.append(f"| {t.accuracy * 100:.2f} | {t.latency_ms:.3f} | {src} | {len(t.config.float_nodes)} | {t.strategy} |")
     lines += ["", "![pareto](pareto.svg)", ""]
+    if breakdown:
+        total = sum(r["ms"] for r in breakdown) or 1.0
+        by_op: dict[str, float] = {}
+        for r in breakdown:
+            op = r.get("op") or _kernel_op(str(r.get("kernel", "?")))
+            by_op[op] = by_op.get(op, 0.0) + r["ms"]
+        lines += ["## Latency breakdown of the best model", "",
+                  f"Source: {breakdown_source or 'profiler'}; sum of kernel times {total:.3f} ms per run.", "",
+                  "| op | ms | share |", "|---|---|---|"]
+        for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])[:15]:
+            lines.append(f"| {op} | {ms:.3f} | {ms / total * 100:.1f}% |")
+        lines += ["", "| top kernels | ms | share |", "|---|---|---|"]
+        for r in breakdown[:10]:
+            lines.append(f"| `{r.get('node') or r.get('kernel')}` | {r['ms']:.3f} | {r['ms'] / total * 100:.1f}% |")
+        lines += ["", "![breakdown](breakdown.svg)", ""]
     for name in ("bits.svg", "sensitivity.svg", "latency.svg"):
         if files.get(name):
             lines += [f"![{name[:-4]}]({name})", ""]
