@@ -226,18 +226,43 @@ def lower_and_fuse(mod, target, *, avx2_int8: bool = False):
     return mod, packed
 
 
+def _touches_int8(func) -> bool:
+    text = func.script(show_meta=False)
+    return '"int8"' in text or '"uint8"' in text
+
+
+def _gpu_default_schedules(mod, target):
+    """dlight's default GPU schedules. Its ``Matmul`` rule tensorizes int8 matmuls/convs with a tensor-core path
+    that fails in TVM 0.27 (``Check failed: (it != fragment_info_.end())``), so kernels that touch int8 data are
+    scheduled first without it (GEMV / reduction / fallback rules: plain CUDA integer code), the others with it."""
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    int8 = {gv for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and _touches_int8(f)}
+    if int8:
+        hidden = {}
+        for gv, f in list(mod.functions_items()):
+            if isinstance(f, tvm.tirx.PrimFunc) and gv not in int8 and not (f.attrs and f.attrs.get("tirx.is_scheduled")):
+                hidden[gv] = f
+                mod[gv] = f.with_attr("tirx.is_scheduled", True)
+        with target:
+            mod = dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                          dl.gpu.Fallback())(mod)
+        for gv, f in hidden.items():
+            mod[gv] = f
+    with target:
+        return dl.ApplyDefaultSchedule(
+            dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+        )(mod)
+
+
 def _finalize_and_build(mod, target):
     import tvm
     from tvm import relax
     from tvm.relax import pipeline as rp
 
     if is_gpu(target):
-        from tvm.s_tir import dlight as dl
-
-        with target:
-            mod = dl.ApplyDefaultSchedule(
-                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
-            )(mod)
+        mod = _gpu_default_schedules(mod, target)
     try:
         lower = rp.dataflow_lower_passes(target)
     except (ValueError, AttributeError):  # cpu_generic does not export it in TVM 0.27
