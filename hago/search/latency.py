@@ -35,8 +35,10 @@ class OrtLatency:
 
     name = "onnxruntime"
 
-    def __init__(self, threads: int = 1, repeat: int = 20, warmup: int = 3, inputs: dict | None = None):
+    def __init__(self, threads: int = 1, repeat: int = 20, warmup: int = 3, inputs: dict | None = None,
+                 min_seconds: float = 0.25):
         self.threads, self.repeat, self.warmup, self.inputs = threads, repeat, warmup, inputs
+        self.min_seconds = min_seconds
         import onnxruntime
 
         self.target_key = f"onnxruntime-{onnxruntime.__version__}-cpu-t{threads}"
@@ -46,10 +48,14 @@ class OrtLatency:
 
         sess = rt.session(qg.to_qdq(), threads=self.threads, optimize=True)
         feeds = self.inputs or _random_inputs(sess)
-        for _ in range(self.warmup):
+        t0 = time.perf_counter()
+        for _ in range(max(1, self.warmup)):
             sess.run(None, feeds)
+        one = (time.perf_counter() - t0) / max(1, self.warmup)
+        # small models: at least min_seconds of samples, so a sub-millisecond model is not decided by timer noise
+        repeat = int(min(max(self.repeat, np.ceil(self.min_seconds / max(one, 1e-6))), 5000))
         ts = []
-        for _ in range(self.repeat):
+        for _ in range(repeat):
             t0 = time.perf_counter()
             sess.run(None, feeds)
             ts.append((time.perf_counter() - t0) * 1e3)
@@ -151,7 +157,12 @@ class FeatureMap:
                     self.links.append((p.name, n.name, float(np.prod(shape)) if shape else 1.0))
         self.names = list(space.nodes)
         # appended: MACs behind bSPARQ / vSPARQ edges, extra multipoint MACs, per-tensor weights, MACs on other signatures
-        self.dim = len(self.names) + 2 * len(_CLASSES) + 4 + 5
+        self.out_elems = {}
+        for name in space.nodes:
+            shape = nodes[name].outputs[0].shape if nodes[name].outputs else None
+            dims = [d if isinstance(d, int) else 1 for d in (shape or [])]
+            self.out_elems[name] = float(np.prod(dims)) if dims else 1.0
+        self.dim = len(self.names) + 2 * len(_CLASSES) + 4 + 5 + 1
 
     def __call__(self, cfg: Config) -> np.ndarray:
         fl = cfg.float_nodes
@@ -179,6 +190,7 @@ class FeatureMap:
                 f[k + 6] += self.macs.get(n, 0.0) * (pts - 1.0) / 1e6
         f[k + 7] = len(cfg.per_tensor)
         f[k + 8] = sum(self.macs.get(n, 0.0) for n, _ in cfg.signatures if n not in fl) / 1e6
+        f[k + 9] = sum(self.out_elems[n] for n in self.names if n not in fl) / 1e4  # activations written in int8
         return f
 
 
@@ -252,8 +264,8 @@ class LatencyModel:
     layers, so this is right with few measurements), plus xgboost trees on its log-residuals (what is not
     additive: fusion, cache effects, layout changes at int/float borders)."""
 
-    def __init__(self, seed: int = 0, ridge: float = 1e-3):
-        self.seed, self.ridge = seed, ridge
+    def __init__(self, seed: int = 0, ridge: float = 1e-3, min_tree_samples: int = 30):
+        self.seed, self.ridge, self.min_tree_samples = seed, ridge, min_tree_samples
         self.model = None
         self.coef = None
         self.n = 0
@@ -272,21 +284,36 @@ class LatencyModel:
         self.sd[-1] = 1.0
         self.mu[-1] = 0.0
         An = (A - self.mu) / self.sd
-        self.coef = np.linalg.solve(An.T @ An + self.ridge * len(y) * np.eye(An.shape[1]), An.T @ y)
+        # ridge strength by leave-one-out cross-validation (closed form through the hat matrix): with fewer
+        # measurements than features a fixed strength either overfits the per-node indicators or washes out
+        # the additive MAC terms
+        best = None
+        eye = np.eye(An.shape[1])
+        for lam in (self.ridge, 1e-2, 1e-1, 1.0, 10.0):
+            inv = np.linalg.solve(An.T @ An + lam * len(y) * eye, An.T)
+            coef = inv @ y
+            h = np.einsum("ij,ji->i", An, inv)
+            loo = (y - An @ coef) / np.maximum(1.0 - h, 1e-6)
+            err = float(np.mean(loo ** 2))
+            if best is None or err < best[0]:
+                best = (err, lam, coef)
+        _, self.lam, self.coef = best
         base = np.maximum(An @ self.coef, 1e-6)
         resid = np.log(y) - np.log(base)
-        self.model = xgb.XGBRegressor(n_estimators=120, max_depth=3, learning_rate=0.05, subsample=1.0,
-                                      random_state=self.seed, n_jobs=1, verbosity=0)
-        self.model.fit(np.asarray(X), resid)
         self.n = len(y)
+        self.model = None
+        if self.n >= self.min_tree_samples:  # trees on the residuals only once there is data for them
+            self.model = xgb.XGBRegressor(n_estimators=120, max_depth=3, learning_rate=0.05, subsample=1.0,
+                                          random_state=self.seed, n_jobs=1, verbosity=0)
+            self.model.fit(np.asarray(X), resid)
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        if self.model is None:
+        if self.coef is None:
             raise HagoError("the latency model is not trained yet")
         An = (self._design(X) - self.mu) / self.sd
         base = np.maximum(An @ self.coef, 1e-6)
-        return base * np.exp(self.model.predict(np.asarray(X)))
+        return base * (np.exp(self.model.predict(np.asarray(X))) if self.model is not None else 1.0)
 
 
 def spearman(a, b) -> float:
