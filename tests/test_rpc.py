@@ -131,3 +131,15 @@ def test_parse_address():
     for bad in ("pi.local", "pi:port:key", "pi:70000:k", ":9090:k", "a:1:b:c"):
         with pytest.raises(HagoError, match="RPC address"):
             rpc.parse_address(bad)
+
+
+def test_hago_measure_over_rpc(servers, tmp_path):
+    """hago.measure(art, rpc="HOST:PORT") uploads the artifact to the server and times it there."""
+    import hago
+    from hago.backend.compile import compile as hcompile
+
+    art = hcompile(Int8Mod, "llvm", cache_dir=str(tmp_path), progress=False)
+    srv = servers["direct"]
+    st = hago.measure(art, None, repeat=3, rpc=srv.address)
+    assert st.n == 3 and st.device.startswith("rpc:") and 0 < st.min_ms <= st.median_ms
+    gc.collect()
