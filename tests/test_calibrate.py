@@ -216,3 +216,32 @@ def test_auto_result_equals_the_chosen_method():
     for k in a:
         np.testing.assert_allclose(np.asarray(a[k].scale), np.asarray(b[k].scale), rtol=1e-6)
     assert any(h.startswith("calibrate auto:") for h in qg.graph.history)
+
+
+def test_constant_operand_annotated_as_activation_gets_its_own_range():
+    """MatMul -> Add(constant bias) -> Relu: the constant operand of the integer Add is an activation edge with no
+    calibration statistics (PP-OCRv4's linear_*.b_0); its range comes from its values, not a KeyError."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import hago
+    from hago.search.evaluate import Evaluator
+    from hago.search.space import Config
+
+    rs = np.random.RandomState(0)
+    inits = [numpy_helper.from_array(rs.randn(16, 8).astype(np.float32), "W"),
+             numpy_helper.from_array(rs.randn(8).astype(np.float32), "B"),
+             numpy_helper.from_array(rs.randn(8, 4).astype(np.float32), "W2")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]), helper.make_node("MatMul", ["r", "W2"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    ev = Evaluator(hago.load(m), hago.load_spec("x86_avx2"), [{"x": rs.randn(2, 5, 16).astype(np.float32)}], None)
+    qg = ev.build(Config())
+    ann = {v.name: a for v, a in qg.graph.annotated()}
+    assert ann["B"].kind == "activation"
+    b = numpy_helper.to_array(inits[1])
+    assert ann["B"].scale > 0 and float(ann["B"].scale) * 255 >= (b.max() - min(b.min(), 0)) * 0.99
+    assert ev.accuracy(qg) > 0.5

@@ -132,7 +132,15 @@ def apply_ranges(graph: Graph, observers: dict, *, method: str | None = None, we
     for v, a in activation_edges(graph):
         if method:
             a.method = method
-        lo, hi = observers[v.name].range(a.method, a)
+        obs = observers.get(v.name)
+        if obs is None:  # a constant annotated as an activation (e.g. the bias operand of an Add): its own range
+            c = Graph.const(v)
+            if c is None:
+                raise CalibrationError(f"activation edge {v.name!r} has no calibration statistics")
+            c = np.asarray(c, dtype=np.float32)
+            lo, hi = (float(c.min()), float(c.max())) if c.size else (0.0, 0.0)
+        else:
+            lo, hi = obs.range(a.method, a)
         a.set_range(lo, hi)
     for v, a in graph.annotated():
         if weights and a.kind == "weight" and not a.fixed:
