@@ -142,6 +142,7 @@ def apply_ranges(graph: Graph, observers: dict, *, method: str | None = None, we
         else:
             lo, hi = obs.range(a.method, a)
         a.set_range(lo, hi)
+    _fold_relu_ranges(graph)
     for v, a in graph.annotated():
         if weights and a.kind == "weight" and not a.fixed:
             if weight_method:
@@ -152,6 +153,24 @@ def apply_ranges(graph: Graph, observers: dict, *, method: str | None = None, we
             lo, hi = weight_range(w, a, a.method)
             a.set_range(lo, hi)
     finalize_derived(graph)
+
+
+def _fold_relu_ranges(graph: Graph) -> None:
+    """An unsigned activation whose only consumer is a Relu that reuses its scale is quantized on the Relu's range
+    ``[0, max]``: its zero point becomes 0, so quantization itself clamps the negatives. The result is exactly
+    ``Q(relu(x))``, negative codes are not wasted, and onnxruntime's QDQ optimizer drops the Relu and the
+    Q/DQ pair around it (what its own quantizer produces). Graph outputs and edges read elsewhere are left alone."""
+    for v, a in activation_edges(graph):
+        if a.signed or a.rmin is None or np.ndim(a.rmin) or float(a.rmin) >= 0.0:
+            continue
+        uses = list(v.uses())
+        if len(uses) != 1 or uses[0].node.op_type != "Relu" or v.is_graph_output():
+            continue
+        out = uses[0].node.outputs[0]
+        oa = graph.annotation(out) if out is not None else None
+        if oa is None or oa.tied_to != v.name:
+            continue
+        a.set_range(0.0, max(float(a.rmax), 0.0))
 
 
 def finalize_derived(graph: Graph) -> None:

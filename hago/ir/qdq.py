@@ -173,11 +173,32 @@ def to_qdq(graph: Graph, *, int4_storage: bool = False) -> onnx.ModelProto:
         rename[name] = name + "__dq"
         after.setdefault(name, []).extend(nodes)
 
+    # A Relu between two quantizers with the same parameters and zero point 0 is implied by the quantizer (it
+    # clamps negatives to code 0): drop it and its output's Q/DQ, exactly, as onnxruntime's own quantizer does.
+    outputs = {o.name for o in g.output}
+    dropped: set[int] = set()
+    for k, node in enumerate(g.node):
+        if node.op_type != "Relu" or len(node.input) != 1 or node.output[0] in outputs:
+            continue
+        x, r = node.input[0], node.output[0]
+        ax, ar = anns.get(x), anns.get(r)
+        if ax is None or ar is None or ar.tied_to != x or ax.kind != "activation" or ax.dtype != "uint8":
+            continue
+        if ax.sparq or ar.sparq or ax.narrow or ax.bits != 8 or np.ndim(ax.zero_point) or ax.zero_point is None:
+            continue
+        if int(ax.zero_point) != 0 or x not in rename:
+            continue
+        dropped.add(k)
+        after.pop(r, None)
+        rename[r] = rename[x]
+
     graph_inputs = {i.name for i in g.input}
     nodes_out: list[onnx.NodeProto] = list(pre_nodes)
     for n in graph_inputs:
         nodes_out.extend(after.pop(n, []))
-    for node in g.node:
+    for k, node in enumerate(g.node):
+        if k in dropped:
+            continue
         for i, x in enumerate(node.input):
             if x in rename:
                 node.input[i] = rename[x]
