@@ -68,7 +68,7 @@ def test_param_model_mix_zero_is_float():
 def test_lapq_never_worse_than_lp_init_and_writes_annotations():
     data = _data()
     qg = _w4a4(data)
-    r = lapq(qg, data, maxiter=1, maxfev=60)
+    r = lapq(qg, data, p_grid=(2.0, 3.0, 4.0), maxiter=1, maxfev=60)
     assert r.loss == "ce"
     assert r.final_loss_qdq <= r.init_loss_qdq + 1e-12
     assert r.final_loss <= r.init_loss + 1e-12
@@ -114,13 +114,17 @@ def test_p_search_picks_from_the_grid():
         assert r2.p_refined == r2.p and 2.0 < r2.p < 4.0
 
 
-def test_lapq_deterministic_and_engines_agree():
+@pytest.mark.parametrize("bc", [False, "round", "bias"])
+def test_lapq_deterministic_and_engines_agree(bc):
+    """The parametric model and re-exporting agree (bias_correction=True is exact only in the parametric
+    model: its exported form is the bias fold, which "bias" searches with)."""
     data = _data()
-    a = lapq(_w4a4(data), data, maxiter=1, maxfev=25)
-    b = lapq(_w4a4(data), data, maxiter=1, maxfev=25)
+    grid = (2.0, 3.0, 4.0)
+    a = lapq(_w4a4(data), data, p_grid=grid, maxiter=1, maxfev=12, bias_correction=bc)
+    b = lapq(_w4a4(data), data, p_grid=grid, maxiter=1, maxfev=12, bias_correction=bc)
     assert a.history == b.history and a.clip == b.clip and a.p == b.p
-    c = lapq(_w4a4(data), data, maxiter=1, maxfev=25, engine="rebuild")
-    np.testing.assert_allclose(c.history, a.history, rtol=1e-6)
+    c = lapq(_w4a4(data), data, p_grid=grid, maxiter=1, maxfev=12, engine="rebuild", bias_correction=bc)
+    np.testing.assert_allclose(c.history, a.history, rtol=1e-5)
     assert c.p == a.p
 
 
@@ -128,7 +132,7 @@ def test_lapq_kl_without_labels_and_include():
     data = _data(labels=False)
     qg = _w4a4(data, per_channel=True)
     w_before = {v.name: (a.rmin.copy(), a.rmax.copy()) for v, a in qg.graph.annotated() if a.kind == "weight"}
-    r = lapq(qg, data, include=("activation",), maxiter=1, maxfev=30)
+    r = lapq(qg, data, include=("activation",), p_grid=(2.0, 3.0, 4.0), maxiter=1, maxfev=30)
     assert r.loss == "kl" and r.fp32_loss == pytest.approx(0.0, abs=1e-9)
     assert all(a.kind == "activation" for v, a in qg.graph.annotated() if v.name in r.edges)
     for v, a in qg.graph.annotated():  # weights untouched
@@ -137,7 +141,7 @@ def test_lapq_kl_without_labels_and_include():
     assert r.final_loss_qdq <= r.init_loss_qdq
     # per-channel weights: one multiplier per tensor on the per-channel ranges
     qg2 = _w4a4(data, per_channel=True)
-    r2 = lapq(qg2, data, include=("weight",), maxiter=1, maxfev=20)
+    r2 = lapq(qg2, data, include=("weight",), p_grid=(2.0, 3.0, 4.0), maxiter=1, maxfev=20)
     anns2 = {v.name: a for v, a in qg2.graph.annotated()}
     for n in r2.edges:
         lo, hi = r2.clip[n]
@@ -157,3 +161,155 @@ def test_lapq_errors():
         make_loss("hinge", True)
     with pytest.raises(CalibrationError, match="empty"):
         lapq(qg, [])
+
+
+def test_bias_correction_exact_matches_the_reference_formula():
+    """bias_correction="exact": each fake-quantized weight minus the per-output-channel shift of its mean
+    (the reference code's ParameterModuleWrapperPost.bias_corr), so its channel means equal the float ones."""
+    from onnx import helper
+
+    from hago.algorithms.lapq import weight_mean_shift
+    from hago.ir.annotation import fake_quantize
+
+    data = _data()
+    qg = _w4a4(data)
+    pm = ParamModel(qg.graph, bias_correction="exact")
+    assert pm.weight_shift
+    m = pm.model
+    for n in pm.weight_shift:
+        m.graph.output.append(helper.make_empty_tensor_value_info(n + "__pq"))
+    sess = rt.session(m)
+    names = [o.name for o in sess.get_outputs()]
+    feeds = {"x": data[0]["x"]} | pm.params_from_annotations()
+    out = dict(zip(names, sess.run(None, feeds)))
+    for v, a in qg.graph.annotated():
+        if v.name not in pm.weight_shift:
+            continue
+        w = qg.graph.const(v)
+        oc = pm.weight_shift[v.name][1]
+        wq = fake_quantize(w, a)
+        shift = weight_mean_shift(w, wq, oc)
+        shape = [1] * w.ndim
+        shape[oc] = -1
+        np.testing.assert_allclose(out[v.name + "__pq"], wq - shift.reshape(shape), atol=1e-6)
+        axes = tuple(i for i in range(w.ndim) if i != oc)
+        np.testing.assert_allclose(out[v.name + "__pq"].mean(axis=axes), w.mean(axis=axes), atol=1e-6)
+
+
+def test_bias_correction_bias_fold_written_and_restored():
+    """bias_correction="bias": the correction folded into the biases, b0 - shift * E[window sum], in the search
+    and the export (they agree); restore() puts the original biases back."""
+    from hago.algorithms.lapq import LossEvaluator, input_window_sums, stack_batches
+
+    data = _data()
+    qg = _w4a4(data)
+    g = qg.graph
+    b0 = {n.inputs[2].name: g.const(n.inputs[2]).copy() for n in g.nodes() if n.op_type in ("Conv", "Gemm")}
+    r = lapq(qg, data, p_grid=(2.0, 3.0), refine_p=False, maxiter=1, maxfev=10, bias_correction="bias")
+    assert r.bias_correction == "bias" and r.folded
+    assert [b for b in b0 if not np.array_equal(g.const(g.value(b)), b0[b])]
+    x, y = stack_batches(data, ["x"])
+    qg.lapq_fold.restore(g)
+    for b in b0:
+        np.testing.assert_array_equal(g.const(g.value(b)), b0[b])
+    sums = input_window_sums(g, x)
+    pm = ParamModel(g, bias_correction="bias", input_sums=sums)
+    sim = LossEvaluator(pm, x, y, cross_entropy, None)(pm.params_from_annotations())
+    qg.lapq_fold.apply(g)
+    qg.invalidate()
+    assert cross_entropy(qg.run(x), y, None) == pytest.approx(r.final_loss_qdq, rel=1e-6)
+    assert sim == pytest.approx(r.final_loss_qdq, rel=1e-4)
+
+
+def test_mean_preserving_codes():
+    from hago.algorithms.lapq import mean_preserving_codes
+    from hago.ir.annotation import EdgeAnnotation, quantize_array
+
+    rs = np.random.RandomState(3)
+    w = (rs.randn(6, 4, 3, 3) * 0.2 + rs.randn(6, 1, 1, 1) * 0.05).astype(np.float32)
+    ann = EdgeAnnotation(kind="weight", dtype="int8", bits=4, symmetric=True)
+    ann.set_range(-0.25, 0.25)  # clips: large mean shifts to undo
+    q0 = quantize_array(w, ann)
+    q = mean_preserving_codes(w, ann, 0)
+    assert q.dtype == np.int64 and q.min() >= ann.qmin and q.max() <= ann.qmax
+    assert np.all(np.abs(q - q0) <= 1)
+    s = float(ann.scale)
+    target = (w / s).reshape(6, -1).sum(1)
+    got, before = q.reshape(6, -1).sum(1), q0.reshape(6, -1).sum(1)
+    room_up = (q.reshape(6, -1) < ann.qmax).any(1)
+    room_dn = (q.reshape(6, -1) > ann.qmin).any(1)
+    for c in range(6):  # as close as one code step allows, unless every code is at a bound
+        if (target[c] > got[c] and room_up[c]) or (target[c] < got[c] and room_dn[c]):
+            assert abs(target[c] - got[c]) <= 0.5 + 1e-6
+        assert abs(target[c] - got[c]) <= abs(target[c] - before[c]) + 1e-6
+        # the fewest moves: exactly |rint(target - before)| codes changed (when there was room)
+        assert np.sum(q[c] != q0[c]) <= abs(np.rint(target[c] - before[c]))
+
+
+@pytest.mark.parametrize("bc", [True, "exact"])
+def test_bias_correction_written_on_grid(bc):
+    """Default (True = "round") and "exact" (the search simulates the reference's off-grid correction:
+    result.final_loss, result.simulate): the written weights are on their grid with the channel means kept
+    (mean_preserving_codes), equal to what bias_correction="round" simulates; restore() puts the float weights
+    back."""
+    from hago.algorithms.lapq import LossEvaluator, stack_batches
+    from hago.ir.annotation import quantize_array
+
+    data = _data()
+    qg = _w4a4(data)
+    g = qg.graph
+    w0 = {v.name: g.const(v).copy() for v, a in g.annotated() if a.kind == "weight"}
+    r = lapq(qg, data, p_grid=(2.0, 3.0), refine_p=False, maxiter=1, maxfev=10, bias_correction=bc)
+    assert r.bias_correction == ("round" if bc is True else "exact") and set(r.folded) == set(w0)
+    x, y = stack_batches(data, ["x"])
+    if not r.reverted:
+        assert cross_entropy(r.simulate(x), y, None) == pytest.approx(r.final_loss, rel=1e-6)
+    for v, a in g.annotated():
+        if a.kind == "weight":
+            w = g.const(v)
+            assert not np.array_equal(w, w0[v.name])
+            np.testing.assert_allclose(w, (quantize_array(w, a) - a.zero_point) * a.scale, atol=1e-7)
+    qg.lapq_fold.restore(g)
+    for n, w in w0.items():
+        np.testing.assert_array_equal(g.const(g.value(n)), w)
+    pm = ParamModel(g, bias_correction="round")
+    sim = LossEvaluator(pm, x, y, cross_entropy, None)(pm.params_from_annotations())
+    qg.lapq_fold.apply(g)
+    qg.invalidate()
+    assert cross_entropy(qg.run(x), y, None) == pytest.approx(r.final_loss_qdq, rel=1e-6)
+    assert sim == pytest.approx(r.final_loss_qdq, rel=1e-5)
+
+
+def test_input_window_sums_brute_force():
+    from hago.algorithms.lapq import input_window_sums
+
+    data = _data(n=16)
+    g = conv_bn_net()
+    g = hago.load(g) if not isinstance(g, hago.Graph) else g
+    x = np.concatenate([b["x"] for b in data])
+    sums = input_window_sums(g, {"x": x})
+    conv = next(n for n in g.nodes() if n.op_type == "Conv")
+    assert conv.inputs[0].name == "x"
+    w = g.const(conv.inputs[1])
+    # brute force: conv of x with an all-ones kernel of the same attributes, averaged
+    import torch
+
+    attrs = {k: a.value for k, a in conv.attributes.items()}
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    y = torch.nn.functional.conv2d(torch.nn.functional.pad(torch.from_numpy(x), (pads[1], pads[3], pads[0], pads[2])),
+                                   torch.ones(w.shape), stride=tuple(attrs.get("strides", (1, 1))),
+                                   groups=int(attrs.get("group", 1))).numpy()
+    np.testing.assert_allclose(sums[conv.inputs[1].name], y.mean(axis=(0, 2, 3)), rtol=1e-5)
+
+
+def test_powell_edges_restricts_step_two():
+    data = _data()
+    r = lapq(_w4a4(data), data, p_grid=(2.0, 3.0), refine_p=False, maxiter=1, maxfev=12, powell_edges=2)
+    assert len(r.powell_edges) == 2 and set(r.multipliers) == set(r.edges)
+    assert all(m == 1.0 for n, m in r.multipliers.items() if n not in r.powell_edges)
+    assert r.final_loss_qdq <= r.init_loss_qdq + 1e-12
+    one = [n for n in r.edges if n not in r.powell_edges][:1]
+    r2 = lapq(_w4a4(data), data, p_grid=(2.0, 3.0), refine_p=False, maxiter=1, maxfev=6, powell_edges=one)
+    assert r2.powell_edges == one
+    with pytest.raises(HagoError, match="powell_edges"):
+        lapq(_w4a4(data), data, p_grid=(2.0,), maxfev=2, powell_edges=["nope"])

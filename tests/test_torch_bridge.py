@@ -275,3 +275,47 @@ def test_bridge_module_imports_without_torch():
                        env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stderr
     assert "HagoError" in r.stdout and "pip install hago[train]" in r.stdout
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_transformer_and_shape_ops_match_onnxruntime(opset):
+    """The ops PP-OCRv4 recognition adds to the CNN set: Shape / Slice / Gather / Cast arithmetic,
+    LayerNorm as ReduceMean / Sub / Pow / Sqrt / Div, HardSigmoid, HardSwish."""
+    i64 = np.int64
+    red = ([helper.make_node("ReduceMean", ["x", "ax"], ["mu"], keepdims=1)] if opset >= 18 else
+           [helper.make_node("ReduceMean", ["x"], ["mu"], axes=[-1], keepdims=1)])
+    nodes = red + [
+        helper.make_node("Sub", ["x", "mu"], ["xc"]),
+        helper.make_node("Pow", ["xc", "two"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq", "ax"], ["var"], keepdims=1) if opset >= 18 else
+        helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1], keepdims=1),
+        helper.make_node("Add", ["var", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["sd"]),
+        helper.make_node("Div", ["xc", "sd"], ["ln"]),
+        helper.make_node("HardSigmoid", ["ln"], ["hs"], alpha=0.2, beta=0.5),
+        helper.make_node("HardSwish", ["ln"], ["hw"]),
+        helper.make_node("Shape", ["x"], ["shp"]),
+        helper.make_node("Gather", ["shp", "one"], ["d1"], axis=0),
+        helper.make_node("Cast", ["d1"], ["d1f"], to=TensorProto.FLOAT),
+        helper.make_node("Slice", ["ln", "st", "en", "axs", "stp"], ["sl"]),
+        helper.make_node("Slice", ["ln", "rst", "ren", "raxs", "rstp"], ["rsl"]),
+        helper.make_node("Shape", ["x"], ["shp2"], start=1),
+        helper.make_node("Cast", ["shp2"], ["shp2f"], to=TensorProto.FLOAT),
+    ]
+    inits = [_t("two", 2.0), _t("eps", 1e-5), _t("one", 1, i64), _t("st", [1, 0], i64), _t("en", [-1, 100], i64),
+             _t("axs", [1, 2], i64), _t("stp", [1, 2], i64), _t("rst", [-1], i64), _t("ren", [-100], i64),
+             _t("raxs", [2], i64), _t("rstp", [-2], i64)]
+    if opset >= 18:
+        inits.append(_t("ax", [-1], i64))
+    outs = ["ln", "hs", "hw", "d1f", "sl", "rsl", "shp2f"]
+    g = helper.make_graph(nodes, "g", [_vi("x", [2, 5, 7])], [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                                                             for o in outs], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    x = np.random.RandomState(4).randn(2, 5, 7).astype(np.float32) * 3
+    refs = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(outs, {"x": x})
+    with torch.no_grad():
+        got = to_torch(m).run({"x": x}, outs)
+    for o, r in zip(outs, refs):
+        assert tuple(got[o].shape) == r.shape, o
+        np.testing.assert_allclose(got[o].numpy(), r, atol=1e-5, rtol=0, err_msg=o)

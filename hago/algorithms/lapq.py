@@ -33,11 +33,36 @@ mnist_resnet: the forward pass dominates; the parametric model saves the export
 and session creation). The parametric model reproduces the exported QDQ model's
 outputs exactly (tests/test_lapq.py).
 
-Deviations from the paper, documented: the loss is evaluated on the whole
-calibration set each time (the paper uses one calibration batch of 512 images);
-the first and last layers are quantized like the others (the reference code
-leaves them out); hago's asymmetric activation ranges are scaled at both ends by
-the same multiplier.
+**Bias correction of the weights** (``bias_correction=True``, the reference
+code's ``-bcw``, which every run of its README uses): the reference's weight
+wrapper (``ParameterModuleWrapperPost.bias_corr``) subtracts from the quantized
+weights, per output channel, the shift of their mean, ``mean(Q(w)) - mean(w)``,
+at every forward pass, so the search sees corrected weights. Those weights are
+off the integer grid, which a QDQ model cannot hold, so hago
+realizes the correction on the grid (:func:`mean_preserving_codes`: round to
+nearest, then move the fewest codes by one step so that each channel's mean
+is the float one, to ``s / 2K``) and searches with those weights (the default,
+``"round"``). ``"exact"`` searches with the reference's off-grid formula
+(:class:`ParamModel`: a ReduceMean / Sub on each fake-quantized weight) and
+writes the on-grid form; ``"bias"`` folds the correction into the bias instead
+(on MNIST, much weaker: the window sums of the input vary strongly between
+positions).
+
+Setup against the reference code (``lapq/lapq_v2.py``, README runs ``-ba 4 -bw 4
+--min_method Powell -maxi 1|2 -cs 512 -bcw``): the p grid is the reference's
+``np.linspace(2, 4, 10)`` and its parabola; the loss is cross-entropy with the
+labels over the calibration set (the reference averages it over the batches of
+its 512 calibration images); Powell runs ``maxiter`` iterations with no
+evaluation cap by default, like the reference.
+
+Deviations, documented: the reference's Powell variables are the absolute
+clipping values, unbounded, with scipy's default tolerances, and it keeps the
+parabola's p even when a grid point is better; hago optimises bounded
+multipliers on the Lp ranges (``xtol=1e-2``) and keeps the refined p only when it
+is better. The reference leaves the first and last layers unquantized and
+quantizes ReLU outputs only; hago quantizes every annotated tensor, as the
+baselines it is compared with do. hago's asymmetric activation ranges are
+scaled at both ends by the same multiplier.
 """
 from __future__ import annotations
 
@@ -57,7 +82,9 @@ _QDQ_TYPES = {"int8": onnx.TensorProto.INT8, "uint8": onnx.TensorProto.UINT8, "i
                "uint16": onnx.TensorProto.UINT16}
 _NP_TYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16}
 
-__all__ = ["lapq", "LapqResult", "ParamModel", "LossEvaluator", "lp_ranges", "make_loss"]
+__all__ = ["lapq", "LapqResult", "ParamModel", "LossEvaluator", "lp_ranges", "make_loss", "apply_clipping", "BiasFold",
+           "input_window_sums", "weight_mean_shift", "P_GRID",
+           "mean_preserving_codes", "WeightRounding", "noise_power"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,6 +110,290 @@ def _root(name: str, anns: dict[str, EdgeAnnotation]) -> str:
     return name
 
 
+# ---------------------------------------------------------------------------------------------
+# Bias correction of the weights (the reference code's ``-bcw``)
+# ---------------------------------------------------------------------------------------------
+
+_BC_MODES = {None: None, False: None, "none": None, "off": None, True: "round", "round": "round",
+             "exact": "exact", "weights": "exact", "bias": "bias"}
+
+
+def _bc_mode(bias_correction) -> str | None:
+    try:
+        return _BC_MODES[bias_correction]
+    except (KeyError, TypeError):
+        raise HagoError(f"bias_correction={bias_correction!r}: use True / 'round' (the reference code's -bcw on the "
+                        f"integer grid), 'exact' (its off-grid formula in the search), 'bias' (folded into the bias) "
+                        f"or False") from None
+
+
+def _out_axis(graph: Graph, name: str, ndim: int) -> int | None:
+    """The output-channel axis of a weight (Conv: 0; Gemm: 0 with transB, else 1; MatMul: last), or None."""
+    v = graph.value(name)
+    uses = list(v.uses())
+    if not uses:
+        return None
+    axes = set()
+    for u in uses:
+        node, idx = u.node, u.idx
+        if node.op_type == "Conv" and idx == 1:
+            axes.add(0)
+        elif node.op_type == "Gemm" and idx == 1 and ndim == 2:
+            tb = node.attributes.get("transB")
+            axes.add(0 if tb is not None and tb.value else 1)
+        elif node.op_type == "MatMul" and idx == 1 and ndim >= 2:
+            axes.add(ndim - 1)
+        else:
+            return None
+    return axes.pop() if len(axes) == 1 else None
+
+
+def _reduce_mean(x: str, out: str, axes: list, opset: int, inits: list, prefix: str) -> onnx.NodeProto:
+    if opset >= 18:
+        inits.append(numpy_helper.from_array(np.asarray(axes, np.int64), prefix + "axes"))
+        return helper.make_node("ReduceMean", [x, prefix + "axes"], [out], keepdims=1)
+    return helper.make_node("ReduceMean", [x], [out], axes=list(axes), keepdims=1)
+
+
+def weight_mean_shift(w: np.ndarray, wq: np.ndarray, out_axis: int) -> np.ndarray:
+    """Per output channel ``mean(wq) - mean(w)``: what the reference code's bias correction of the weights
+    (``ParameterModuleWrapperPost.bias_corr``, ``-bcw``) subtracts from the quantized weights."""
+    axes = tuple(i for i in range(w.ndim) if i != out_axis)
+    return (wq.astype(np.float64).mean(axis=axes) - w.astype(np.float64).mean(axis=axes)).astype(np.float32)
+
+
+def input_window_sums(graph: Graph, data: dict, weights: Sequence[str] | None = None,
+                      threads: int | None = None) -> dict[str, np.ndarray]:
+    """For each Conv / Gemm / MatMul weight, per output channel, the calibration mean of the sum of the layer's
+    input over the weight's window: ``E[conv(x, ones)]`` (Conv: over samples and output positions, padding
+    included; Gemm / MatMul: the sum of the input features). A per-channel shift ``d`` of the weights then
+    changes the output by ``d * E[...]`` on average, the amount :func:`apply_clipping` folds into the bias.
+    Computed on the float model."""
+    from ..runtime import ort as rt
+
+    want = set(weights) if weights is not None else None
+    layers = []  # (weight, node, input name)
+    for node in graph.nodes():
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        wv = node.inputs[1]
+        if wv.const_value is None or (want is not None and wv.name not in want) or node.inputs[0] is None:
+            continue
+        layers.append((wv.name, node, node.inputs[0].name))
+    if not layers:
+        return {}
+    model = graph.to_onnx()
+    have = {o.name for o in model.graph.output}
+    for x in sorted({x for _, _, x in layers} - have):
+        model.graph.output.append(helper.make_empty_tensor_value_info(x))
+    sess = rt.session(model, threads=threads, source=graph.source)
+    outs = [o.name for o in sess.get_outputs()]
+    n = len(next(iter(data.values())))
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for i in range(0, n, 256):
+        feeds = {k: v[i:i + 256] for k, v in data.items() if k in graph.input_names}
+        res = dict(zip(outs, sess.run(None, feeds)))
+        m = len(next(iter(feeds.values())))
+        for wname, node, x in layers:
+            w = Graph.const(node.inputs[1])
+            xv = res[x].astype(np.float32)
+            if node.op_type == "Conv":
+                part = _conv_window_sum(node, xv, w.shape)
+            elif node.op_type == "Gemm":
+                ta = node.attributes.get("transA")
+                xs = xv.T if ta is not None and ta.value else xv
+                tb = node.attributes.get("transB")
+                cout = w.shape[0] if tb is not None and tb.value else w.shape[1]
+                part = np.full(cout, xs.sum(axis=1).mean(), np.float64)
+            else:  # MatMul: x [..., K] @ w [K, N]
+                part = np.full(w.shape[-1], xv.sum(axis=-1).mean(), np.float64)
+            sums[wname] = sums.get(wname, 0.0) + part * m
+        count += m
+    return {k: (v / count).astype(np.float32) for k, v in sums.items()}
+
+
+def _conv_window_sum(node, x: np.ndarray, wshape) -> np.ndarray:
+    """Mean over samples and output positions of ``conv(x, ones)`` per output channel."""
+    import onnxruntime as ort
+
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    group = int(attrs.get("group", 1))
+    cout = int(wshape[0])
+    ones = np.ones(wshape, np.float32)
+    kw = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in attrs.items()
+          if k in ("strides", "pads", "dilations", "group", "auto_pad", "kernel_shape")}
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], **kw)
+    g = helper.make_graph([conv], "s", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(ones, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    y = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    del group
+    return y.reshape(y.shape[0], cout, -1).mean(axis=(0, 2)).astype(np.float64)
+
+
+@dataclasses.dataclass
+class BiasFold:
+    """The exported form of the weights' bias correction: for each corrected weight, its layer's bias is
+    ``b0 - shift * E[window sum]`` with ``shift`` the per-channel mean shift of the weight under its current
+    annotation (:func:`weight_mean_shift`) and ``E[window sum]`` from :func:`input_window_sums`. ``b0`` is the
+    original bias, kept so that the fold can be redone for other clippings (and undone: :meth:`restore`)."""
+
+    entries: list  # (weight name, bias name, out axis, expected window sums, original bias)
+    skipped: list  # weights without a foldable bias (no bias input, or a bias shared with other nodes)
+
+    @classmethod
+    def build(cls, graph: Graph, weights: Sequence[str], input_sums: dict) -> "BiasFold":
+        entries, skipped = [], []
+        for wname in weights:
+            v = graph.value(wname)
+            w = Graph.const(v)
+            oc = _out_axis(graph, wname, w.ndim) if w is not None else None
+            uses = list(v.uses())
+            node = uses[0].node if uses else None
+            bias = node.inputs[2] if (node is not None and node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2) else None
+            if (oc is None or wname not in input_sums or bias is None or bias.const_value is None
+                    or len(list(bias.uses())) != 1 or len(uses) != 1):
+                skipped.append(wname)
+                continue
+            b0 = Graph.const(bias).astype(np.float32).copy()
+            entries.append((wname, bias.name, oc, np.asarray(input_sums[wname], np.float32), b0))
+        return cls(entries, skipped)
+
+    def shifts(self, graph: Graph) -> dict[str, np.ndarray]:
+        from ..ir.annotation import fake_quantize
+
+        out = {}
+        for wname, _, oc, _, _ in self.entries:
+            v = graph.value(wname)
+            w = Graph.const(v)
+            out[wname] = weight_mean_shift(w, fake_quantize(w, graph.annotation(v)), oc)
+        return out
+
+    def apply(self, graph: Graph) -> None:
+        from onnx_ir import tensor
+
+        sh = self.shifts(graph)
+        for wname, bname, _, es, b0 in self.entries:
+            bv = graph.value(bname)
+            bv.const_value = tensor((b0 - sh[wname] * es).astype(np.float32), name=bname)
+
+    def restore(self, graph: Graph) -> None:
+        from onnx_ir import tensor
+
+        for _, bname, _, _, b0 in self.entries:
+            graph.value(bname).const_value = tensor(b0.copy(), name=bname)
+
+
+def mean_preserving_codes(w: np.ndarray, ann: EdgeAnnotation, out_axis: int) -> np.ndarray:
+    """Integer codes of ``w`` under ``ann`` whose per-output-channel mean equals the float mean as closely as
+    the grid allows: round to nearest, then move the fewest codes one step (those whose rounding error grows
+    least, never past the integer bounds) until each channel's code sum is the nearest integer to its float
+    sum ``sum(w / s + zp)``. The on-grid form of the reference code's weight bias correction (``-bcw``): the
+    channel mean shift it subtracts is left below ``s / (2 K)`` (``K`` weights per channel), instead of a
+    constant offset off the grid."""
+    from ..ir.annotation import quantize_array
+
+    w = np.asarray(w, np.float32)
+    q = quantize_array(w, ann)
+    scale = np.asarray(ann.scale, np.float64)
+    zp = np.asarray(ann.zero_point if ann.zero_point is not None else 0, np.float64)
+    if ann.per_axis:
+        shape = [1] * w.ndim
+        shape[ann.axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    u = w.astype(np.float64) / scale + zp  # real-valued codes
+    um = np.moveaxis(u, out_axis, 0).reshape(w.shape[out_axis], -1)
+    qm = np.moveaxis(q, out_axis, 0).reshape(w.shape[out_axis], -1).copy()
+    d = np.rint(um.sum(axis=1) - qm.sum(axis=1)).astype(np.int64)  # steps to add per channel
+    for c in np.nonzero(d)[0]:
+        n = int(d[c])
+        step = 1 if n > 0 else -1
+        room = qm[c] < ann.qmax if step > 0 else qm[c] > ann.qmin
+        idx = np.nonzero(room)[0]
+        if idx.size == 0:
+            continue
+        err = um[c, idx] - qm[c, idx]
+        cost = np.abs(err - step) - np.abs(err)  # growth of the rounding error
+        pick = idx[np.argsort(cost, kind="stable")[:min(abs(n), idx.size)]]
+        qm[c, pick] += step
+    moved = np.moveaxis(q, out_axis, 0).shape
+    return np.moveaxis(qm.reshape(moved), 0, out_axis)
+
+
+@dataclasses.dataclass
+class WeightRounding:
+    """The exported form of the weights' bias correction with ``fold="round"``: each corrected weight is
+    written back on its integer grid with :func:`mean_preserving_codes` (as AdaRound / BRECQ write theirs);
+    the original float weights are kept so that it can be redone for other clippings (and undone)."""
+
+    entries: list  # (weight name, out axis, original float weight)
+
+    @classmethod
+    def build(cls, graph: Graph, weights: Sequence[str]) -> "WeightRounding":
+        entries = []
+        for wname in weights:
+            v = graph.value(wname)
+            w = Graph.const(v)
+            oc = _out_axis(graph, wname, w.ndim) if w is not None else None
+            if oc is not None:
+                entries.append((wname, oc, w.astype(np.float32).copy()))
+        return cls(entries)
+
+    def values(self, graph: Graph, anns: dict | None = None) -> dict[str, np.ndarray]:
+        """On-grid float weights under the current (or the given) annotations."""
+        out = {}
+        for wname, oc, w0 in self.entries:
+            a = (anns or {}).get(wname) or graph.annotation(graph.value(wname))
+            q = mean_preserving_codes(w0, a, oc)
+            scale = np.asarray(a.scale, np.float32)
+            zp = np.asarray(a.zero_point if a.zero_point is not None else 0, np.float32)
+            if a.per_axis:
+                shape = [1] * w0.ndim
+                shape[a.axis] = -1
+                scale, zp = scale.reshape(shape), zp.reshape(shape)
+            out[wname] = ((q.astype(np.float32) - zp) * scale).astype(np.float32)
+        return out
+
+    def apply(self, graph: Graph) -> None:
+        from onnx_ir import tensor
+
+        for wname, w in self.values(graph).items():
+            graph.value(wname).const_value = tensor(w, name=wname)
+
+    def restore(self, graph: Graph) -> None:
+        from onnx_ir import tensor
+
+        for wname, _, w0 in self.entries:
+            graph.value(wname).const_value = tensor(w0.copy(), name=wname)
+
+    @property
+    def names(self) -> list[str]:
+        return [e[0] for e in self.entries]
+
+
+def apply_clipping(qg, clip: dict, *, method: str = "lapq", fold: BiasFold | None = None) -> None:
+    """Write clipping ranges ``{edge: (rmin, rmax)}`` into the annotations of ``qg`` (then the derived
+    parameters), and with ``fold`` redo the bias correction for the new weight quantizers."""
+    from ..calibrate import finalize_derived
+
+    g: Graph = qg.graph
+    for n, r in clip.items():
+        a = g.annotation(g.value(n))
+        lo, hi = r
+        if isinstance(lo, (list, tuple)):
+            lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+        a.set_range(lo, hi)
+        a.method = method
+    finalize_derived(g)
+    if fold is not None:
+        fold.apply(g)
+    qg.invalidate()
+
+
 class ParamModel:
     """The annotated graph as a fake-quantized ONNX model whose quantization parameters are inputs.
 
@@ -98,13 +409,29 @@ class ParamModel:
     annotations' own parameters the outputs equal the QDQ model's. Containers
     QuantizeLinear lacks (int32) use Div/Round/Add/Max/Min/Sub/Mul, with
     ``lo``/``hi`` the integer bounds.
+
+    ``bias_correction`` (LAPQ's ``-bcw``, see :func:`weight_mean_shift`):
+    ``"exact"`` subtracts from every fake-quantized weight, per output
+    channel, the shift of its mean, ``mean(Q(w)) - mean(w)``, as the reference
+    code does (a float simulation: the corrected weights are off the integer
+    grid); ``"round"`` feeds the weights as inputs, computed on the grid by
+    :func:`mean_preserving_codes` (what hago writes back); ``"bias"`` instead
+    folds that shift into the layer's bias,
+    ``b - shift * E[window sum of the input]`` with the expected window sums
+    of ``input_sums`` (:func:`input_window_sums`), before the bias is
+    quantized: what hago exports (:func:`apply_clipping`).
     """
 
-    def __init__(self, graph: Graph, *, mix: bool = False, threads: int | None = None):
+    def __init__(self, graph: Graph, *, mix: bool = False, threads: int | None = None,
+                 bias_correction: str | bool | None = None, input_sums: dict | None = None):
         from ..runtime import ort as rt
 
         self.graph = graph
         self.mix = mix
+        mode = _bc_mode(bias_correction)
+        if mode == "bias" and input_sums is None:
+            raise HagoError("bias_correction='bias' needs input_sums (see hago.algorithms.lapq.input_window_sums)")
+        self.bias_correction = mode
         anns = {v.name: a for v, a in graph.annotated()}
         self.anns = anns
         for n, a in anns.items():
@@ -145,6 +472,10 @@ class ParamModel:
         pre: list[onnx.NodeProto] = []
         after: dict[str, list[onnx.NodeProto]] = {}
         rename: dict[str, str] = {}
+        self.opset = graph.opset
+        self.weight_shift: dict[str, tuple[str, int]] = {}  # weight -> (graph value of its mean shift, out axis)
+        self.fed: dict[str, tuple[int, np.ndarray]] = {}  # "round": weight -> (out axis, float weight)
+        self._wcache: dict = {}
 
         def fq(x: str, grp: _Group, out: str, nodes: list, bshape=None) -> None:
             g_ = grp.name
@@ -196,7 +527,29 @@ class ParamModel:
                 if a.per_axis:
                     bshape = [1] * w.ndim
                     bshape[a.axis] = -1
-                fq(n, self.groups[n], n + "__pq", pre, bshape)
+                oc = _out_axis(graph, n, w.ndim) if mode else None
+                if oc is None:
+                    fq(n, self.groups[n], n + "__pq", pre, bshape)
+                elif mode == "round":  # on-grid values computed outside (mean_preserving_codes), fed as an input
+                    if mix:
+                        raise HagoError("bias_correction='round' does not combine with mix=True")
+                    inputs.append(helper.make_tensor_value_info(n + "__wq", onnx.TensorProto.FLOAT, list(w.shape)))
+                    pre.append(helper.make_node("Identity", [n + "__wq"], [n + "__pq"]))
+                    self.fed[n] = (oc, w.astype(np.float32))
+                else:
+                    # the fake-quantized weight and the shift of its per-output-channel mean
+                    fq(n, self.groups[n], n + "__pqraw", pre, bshape)
+                    axes = [i for i in range(w.ndim) if i != oc]
+                    p = n + "__bc_"
+                    mean_w = w.astype(np.float64).mean(axis=tuple(axes), keepdims=True).astype(np.float32)
+                    new_inits.append(numpy_helper.from_array(mean_w, p + "mean"))
+                    pre.append(_reduce_mean(n + "__pqraw", p + "qmean", axes, self.opset, new_inits, p))
+                    pre.append(helper.make_node("Sub", [p + "qmean", p + "mean"], [p + "shift"]))
+                    self.weight_shift[n] = (p + "shift", oc)
+                    if mode == "exact":
+                        pre.append(helper.make_node("Sub", [n + "__pqraw", p + "shift"], [n + "__pq"]))
+                    else:
+                        pre.append(helper.make_node("Identity", [n + "__pqraw"], [n + "__pq"]))
                 rename[n] = n + "__pq"
         self.bias_of: dict[str, tuple[str, str]] = {}
         # biases: scale = s_x * s_w of the consumer (as hago.calibrate.finalize_derived and to_qdq do)
@@ -212,12 +565,23 @@ class ParamModel:
                     b = v.name
                     p = b + "__pq_"
                     res = p + "fq" if mix else b + "__pq"
+                    b_in = b
+                    if mode == "bias" and ws in self.weight_shift and ws in input_sums:
+                        # b - shift * E[window sum of the input], then quantized like any bias
+                        shift, oc = self.weight_shift[ws]
+                        es = np.asarray(input_sums[ws], np.float32)
+                        new_inits += [numpy_helper.from_array(es, p + "es"),
+                                      numpy_helper.from_array(np.asarray([-1], np.int64), p + "flat")]
+                        pre += [helper.make_node("Reshape", [shift, p + "flat"], [p + "shift1"]),
+                                helper.make_node("Mul", [p + "shift1", p + "es"], [p + "corr"]),
+                                helper.make_node("Sub", [b, p + "corr"], [p + "bcorr"])]
+                        b_in = p + "bcorr"
                     pre += [helper.make_node("Mul", [f"{gx}__scale", f"{gw}__scale"], [p + "s"]),
-                            helper.make_node("Div", [b, p + "s"], [p + "div"]),
+                            helper.make_node("Div", [b_in, p + "s"], [p + "div"]),
                             helper.make_node("Round", [p + "div"], [p + "rnd"]),
                             helper.make_node("Mul", [p + "rnd", p + "s"], [res])]
                     if mix:  # the bias follows its weight's mix
-                        pre += [helper.make_node("Sub", [res, b], [p + "noise"]),
+                        pre += [helper.make_node("Sub", [res, b_in], [p + "noise"]),
                                 helper.make_node("Mul", [p + "noise", f"{gw}__t"], [p + "tn"]),
                                 helper.make_node("Add", [b, p + "tn"], [b + "__pq"])]
                     rename[b] = b + "__pq"
@@ -275,7 +639,28 @@ class ParamModel:
         out = {f"{gname}__{k}": v for k, v in p.items()}
         if self.mix:
             out[f"{gname}__t"] = np.array(t, np.float32)
+        if gname in self.fed:
+            out[gname + "__wq"] = self._on_grid(gname, p["scale"], p["zp"], ann)
         return out
+
+    def _on_grid(self, gname: str, scale, zp, ann: EdgeAnnotation) -> np.ndarray:
+        key = (gname, np.asarray(scale).tobytes(), np.asarray(zp).tobytes())
+        hit = self._wcache.get(key)
+        if hit is None:
+            oc, w = self.fed[gname]
+            a = ann.copy(scale=np.asarray(scale, np.float32).reshape(np.shape(ann.scale) if ann.per_axis else ()),
+                         zero_point=np.asarray(zp, np.int64).reshape(np.shape(ann.scale) if ann.per_axis else ()))
+            q = mean_preserving_codes(w, a, oc).astype(np.float32)
+            sc, z = np.asarray(a.scale, np.float32), np.asarray(a.zero_point, np.float32)
+            if ann.per_axis:
+                shape = [1] * w.ndim
+                shape[ann.axis] = -1
+                sc, z = sc.reshape(shape), z.reshape(shape)
+            hit = ((q - z) * sc).astype(np.float32)
+            if len(self._wcache) > 256:
+                self._wcache.clear()
+            self._wcache[key] = hit
+        return hit
 
     def range_feeds(self, gname: str, lo, hi, ann: EdgeAnnotation | None = None, t: float = 1.0) -> dict:
         ann = ann or self.groups[gname].ann
@@ -416,13 +801,52 @@ class LapqResult:
     seconds: dict
     engine: str
     powell: dict
+    bias_correction: str | None = None  # None, "round", "exact" or "bias" (see lapq)
+    init_clip: dict = dataclasses.field(default_factory=dict)  # the Lp init's ranges (step 1)
+    folded: list = dataclasses.field(default_factory=list)  # weights whose correction was written (round / bias fold)
+    powell_edges: list = dataclasses.field(default_factory=list)  # the tensors Powell optimised
+    powell_loss: float | None = None  # the lowest loss Powell found (search engine), kept or reverted
+    param_model: object = dataclasses.field(default=None, repr=False)  # the ParamModel of the search (engine="param")
+    sim_feeds: dict | None = dataclasses.field(default=None, repr=False)  # its feeds for the written result
+
+    def simulate(self, feeds: dict) -> list[np.ndarray]:
+        """Outputs of the search's own simulation (with ``bias_correction="exact"``: the reference code's exact
+        weight correction, off the integer grid) at the written clipping; ``feeds``: ``{input_name: array}``."""
+        if self.param_model is None or self.sim_feeds is None:
+            raise HagoError("simulate needs engine='param'")
+        return self.param_model.run(feeds, self.sim_feeds)
 
     def summary(self) -> str:
         grid = ", ".join(f"p={p:g}: {l:.4f}" for p, l in self.p_grid.items())
         return (f"LAPQ ({self.loss} loss, {len(self.edges)} tensors): fp32 {self.fp32_loss:.4f}, min-max "
                 f"{self.minmax_loss:.4f}; Lp grid {grid}; p = {self.p:g}; init {self.init_loss_qdq:.4f} -> "
                 f"Powell {self.final_loss_qdq:.4f} ({self.evals} evaluations, {self.seconds['total']:.1f} s)"
+                + (f"; bias correction {self.bias_correction} (simulated {self.init_loss:.4f} -> {self.final_loss:.4f})"
+                   if self.bias_correction else "")
                 + (" [reverted to the Lp init]" if self.reverted else ""))
+
+
+def noise_power(graph: Graph, observers: dict | None, name: str, r: tuple) -> float:
+    """Relative quantization noise power ``E[(Q(x) - x)^2] / E[x^2]`` of an edge clipped to ``r``: weights
+    on the constant, activations on their calibration histogram."""
+    from ..ir.annotation import fake_quantize
+
+    v = graph.value(name)
+    a = graph.annotation(v).copy()
+    lo, hi = r
+    a.set_range(np.asarray(lo, np.float64) if isinstance(lo, (list, np.ndarray)) else lo,
+                np.asarray(hi, np.float64) if isinstance(hi, (list, np.ndarray)) else hi)
+    if a.kind == "weight":
+        w = Graph.const(v).astype(np.float64)
+        e = fake_quantize(w.astype(np.float32), a).astype(np.float64) - w
+        return float(np.sum(e * e) / max(np.sum(w * w), 1e-30))
+    ob = observers.get(name) if observers else None
+    if ob is None or ob.hist is None:
+        return 0.0
+    h, edges = np.asarray(ob.hist, np.float64), np.asarray(ob.edges, np.float64)
+    c = (edges[:-1] + edges[1:]) / 2
+    e = fake_quantize(c.astype(np.float32), a).astype(np.float64) - c
+    return float(np.sum(h * e * e) / max(np.sum(h * c * c), 1e-30))
 
 
 def lp_ranges(graph: Graph, observers: dict, edges: Sequence[str], p: float) -> dict[str, tuple]:
@@ -478,28 +902,61 @@ def _fit_p(ps: np.ndarray, losses: np.ndarray) -> float | None:
     return float(p)
 
 
-def lapq(qg, calib: Iterable[dict], *, p_grid: Sequence[float] = (2.0, 2.5, 3.0, 3.5, 4.0), refine_p: bool = True,
+P_GRID = tuple(float(p) for p in np.linspace(2.0, 4.0, 10))  # the reference code's grid, np.linspace(2, 4, 10)
+
+
+def lapq(qg, calib: Iterable[dict], *, p_grid: Sequence[float] = P_GRID, refine_p: bool = True,
          maxiter: int | None = 2, maxfev: int | None = None, loss=None,
          include: Sequence[str] = ("weight", "activation"), xtol: float = 1e-2, ftol: float = 1e-4,
          bounds: tuple[float, float] = (0.05, 1.5), engine: str = "param", max_samples: int | None = None,
-         threads: int | None = None, observers: dict | None = None, verbose: bool = False) -> LapqResult:
+         bias_correction: bool | str = True, edges: Sequence[str] | None = None,
+         powell_edges: int | Sequence[str] | None = None, threads: int | None = None, observers: dict | None = None, verbose: bool = False) -> LapqResult:
     """Loss-aware clipping of a :class:`hago.QuantizedGraph`, in place (annotations, then ``qg.invalidate()``).
 
     ``calib``: iterable of ``{input_name: array}`` batches, with ``label`` for the
     default cross-entropy loss (without labels the default is KL(fp32 || quantized)
     of the softmax of the first output). ``loss`` may be ``"ce"``, ``"kl"``,
     ``"mse"`` or ``fn(outputs, labels, fp32_outputs) -> float``. ``include`` picks
-    the tensors whose clipping is optimised (``"weight"``, ``"activation"``); the
-    others keep their annotation. ``maxiter``/``maxfev`` bound Powell (the
-    reference code runs 1 or 2 iterations); ``bounds`` are the multiplier bounds
-    relative to the Lp range (the upper one is raised per tensor to reach its
-    min-max range). ``engine``: ``"param"`` (one QDQ model, parameters fed as
-    inputs) or ``"rebuild"`` (export and a new session per evaluation).
+    the tensors whose clipping is optimised (``"weight"``, ``"activation"``);
+    ``edges`` restricts them further to the named edges; the others keep their
+    annotation. ``powell_edges`` restricts step 2 only (the p search still
+    sets every tensor): the named edges, or an int ``K``, the ``K`` tensors
+    with the largest relative quantization noise power at the Lp init
+    (:func:`noise_power`); the others keep their Lp clipping. A budget device
+    for large models, where one Powell sweep over every tensor is too long. ``maxiter``/``maxfev`` bound Powell (the reference code runs 1
+    or 2 iterations); ``bounds`` are the multiplier bounds relative to the Lp
+    range (the upper one is raised per tensor to reach its min-max range).
+    ``engine``: ``"param"`` (one QDQ model, parameters fed as inputs) or
+    ``"rebuild"`` (export and a new session per evaluation).
+
+    ``bias_correction`` (default True, as the reference code's published runs,
+    ``-bcw``): every quantized Conv / Gemm / MatMul weight is corrected, per
+    output channel, by the shift of its mean, ``Q(w) - (mean(Q(w)) - mean(w))``
+    (the reference's ``ParameterModuleWrapperPost.bias_corr``).
+
+    * ``True`` / ``"round"`` (default): the correction on the integer grid, which
+      a QDQ model can hold: :func:`mean_preserving_codes` rounds each channel so
+      that its mean stays the float one (to ``s / 2K``, ``K`` weights per
+      channel); the search (p grid and Powell) sees those weights and the float
+      graph's weights are replaced by them in the written result
+      (:class:`WeightRounding`).
+    * ``"exact"`` (alias ``"weights"``): the search sees exactly the reference
+      code's off-grid weights (``result.final_loss``, ``result.simulate``); the
+      written result is then realized on the grid as with ``"round"``
+      (``result.final_loss_qdq``). On the MNIST models and PP-OCRv4 the gap
+      between the two makes ``"round"`` reach lower exported losses
+      (docs/BENCHMARKS.md), hence the default.
+    * ``"bias"``: the correction folded into each layer's bias instead,
+      ``b - shift * E[window sum of the input]`` (:class:`BiasFold`), in the
+      search and the export.
+
+    The float graph's weights (or biases) change with the written result;
+    ``qg.lapq_fold.restore(qg.graph)`` puts the originals back.
     Deterministic: no randomness is involved.
     """
     from scipy import optimize
 
-    from ..calibrate import activation_edges, collect_stats, finalize_derived
+    from ..calibrate import activation_edges, collect_stats
     from ..runtime import ort as rt
 
     if engine not in ("param", "rebuild"):
@@ -509,8 +966,14 @@ def lapq(qg, calib: Iterable[dict], *, p_grid: Sequence[float] = (2.0, 2.5, 3.0,
         raise HagoError(f"include={tuple(include)!r}: use 'weight' and/or 'activation'")
     if not p_grid:
         raise HagoError("p_grid is empty: give the norms p to try, e.g. (2, 2.5, 3, 3.5, 4)")
+    mode = _bc_mode(bias_correction)
     t_start = time.perf_counter()
     g: Graph = qg.graph
+    old_fold = getattr(qg, "lapq_fold", None)
+    if old_fold is not None:  # a previous LAPQ run folded its correction into the biases: start from the originals
+        old_fold.restore(g)
+        qg.lapq_fold = None
+        qg.invalidate()
     data, labels = stack_batches(calib, g.input_names, max_samples)
     loss_name, loss_fn = make_loss(loss, labels is not None)
     ref = rt.run(rt.session(g.to_onnx(), threads=threads, source=g.source), data)
@@ -522,41 +985,57 @@ def lapq(qg, calib: Iterable[dict], *, p_grid: Sequence[float] = (2.0, 2.5, 3.0,
         names += act_names
     if "weight" in include:
         names += [v.name for v, a in g.annotated() if a.kind == "weight" and not a.fixed]
+    if edges is not None:
+        unknown = set(edges) - set(names)
+        if unknown:
+            raise HagoError(f"edges {sorted(unknown)[:5]} are not quantized {' or '.join(include)} tensors of {g.source}")
+        keep = set(edges)
+        names = [n for n in names if n in keep]
     if not names:
         raise HagoError(f"{g.source}: no quantized {' or '.join(include)} tensors to optimise")
     anns = {n: g.annotation(g.value(n)) for n in names}
     t0 = time.perf_counter()
-    if observers is None or any(observers.get(n) is None or observers[n].hist is None for n in act_names):
+    if observers is None or any(observers.get(n) is None or observers[n].hist is None for n in act_names if n in anns):
         batches = [{k: v[i:i + 256] for k, v in data.items()} for i in range(0, len(next(iter(data.values()))), 256)]
-        observers = collect_stats(g, batches, act_names, histogram=True, threads=threads)
+        observers = collect_stats(g, batches, [n for n in act_names if n in anns], histogram=True, threads=threads)
+    fold = None
+    sums: dict = {}
+    all_weights = [v.name for v, a in g.annotated() if a.kind == "weight"]
+    if mode == "bias":
+        sums = input_window_sums(g, data, all_weights, threads=threads)
+        fold = BiasFold.build(g, all_weights, sums)
+    elif mode:  # "exact" (searched in the simulation) and "round" are both written on the grid
+        fold = WeightRounding.build(g, all_weights)
     t_stats = time.perf_counter() - t0
 
     # -- the evaluator ---------------------------------------------------------------------------
+    pm = None
     if engine == "param":
         t0 = time.perf_counter()
-        pm = ParamModel(g, threads=threads)
+        pm = ParamModel(g, threads=threads, bias_correction=mode, input_sums=sums)
         ev = LossEvaluator(pm, data, labels, loss_fn, ref)
         base_feeds = pm.params_from_annotations()
         groups_of = {n: pm.edge_group[n] for n in names}
         t_build = time.perf_counter() - t0
 
-        def evaluate(ranges: dict) -> float:
+        def feeds_of(ranges: dict) -> dict:
             feeds = dict(base_feeds)
             for n, r in ranges.items():
                 feeds.update(pm.range_feeds(groups_of[n], r[0], r[1], anns[n]))
-            return ev(feeds)
+            return feeds
+
+        def evaluate(ranges: dict) -> float:
+            return ev(feeds_of(ranges))
     else:
         t_build = 0.0
         ev_count = {"evals": 0, "seconds": 0.0}
-        saved = {n: (a.rmin, a.rmax, a.scale, a.zero_point) for n, a in anns.items()}
 
         def evaluate(ranges: dict) -> float:
             t1 = time.perf_counter()
-            for n, r in ranges.items():
-                anns[n].set_range(r[0], r[1])
-            finalize_derived(g)
-            qg.invalidate()
+            apply_clipping(qg, ranges, method=anns[next(iter(anns))].method, fold=fold)
             val = loss_fn(qg.run(data), labels, ref)
+            if fold is not None:  # the next ranges are computed from the original weights
+                fold.restore(g)
             ev_count["evals"] += 1
             ev_count["seconds"] += time.perf_counter() - t1
             return val
@@ -599,16 +1078,32 @@ def lapq(qg, calib: Iterable[dict], *, p_grid: Sequence[float] = (2.0, 2.5, 3.0,
 
     # -- step 2: Powell on one multiplier per tensor -------------------------------------------------
     t0 = time.perf_counter()
+    if powell_edges is None:
+        pnames = list(names)
+    elif isinstance(powell_edges, (int, np.integer)):
+        noise = {n: noise_power(g, observers, n, init[n]) for n in names}
+        pnames = sorted(names, key=lambda n: -noise[n])[:int(powell_edges)]
+        pnames = [n for n in names if n in set(pnames)]  # network order
+    else:
+        unknown = set(powell_edges) - set(names)
+        if unknown:
+            raise HagoError(f"powell_edges {sorted(unknown)[:5]} are not among the optimised tensors")
+        pnames = [n for n in names if n in set(powell_edges)]
     lo_b, hi_b = bounds
     bnds = []
-    for n in names:
+    for n in pnames:
         reach = _amax(mm[n]) / max(_amax(init[n]), 1e-12)
         bnds.append((lo_b, max(hi_b, reach * 1.05)))
-    best = {"loss": init_loss, "x": np.ones(len(names))}
+    best = {"loss": init_loss, "x": np.ones(len(pnames))}
+
+    def point(x) -> dict:
+        out = dict(init)
+        out.update({n: _scaled(init[n], float(m)) for n, m in zip(pnames, x)})
+        return out
 
     def f(x: np.ndarray) -> float:
         x = np.clip(np.asarray(x, np.float64), [b[0] for b in bnds], [b[1] for b in bnds])
-        val = tracked({n: _scaled(init[n], float(m)) for n, m in zip(names, x)})
+        val = tracked(point(x))
         if val < best["loss"]:
             best["loss"], best["x"] = val, x.copy()
         return val
@@ -618,18 +1113,17 @@ def lapq(qg, calib: Iterable[dict], *, p_grid: Sequence[float] = (2.0, 2.5, 3.0,
         options["maxiter"] = int(maxiter)
     if maxfev is not None:
         options["maxfev"] = int(maxfev)
-    res = optimize.minimize(f, np.ones(len(names)), method="Powell", bounds=bnds, options=options)
+    res = optimize.minimize(f, np.ones(len(pnames)), method="Powell", bounds=bnds, options=options)
     t_step2 = time.perf_counter() - t0
     x_best = best["x"]
-    final = {n: _scaled(init[n], float(m)) for n, m in zip(names, x_best)}
+    final = point(x_best)
+    mult = dict.fromkeys(names, 1.0)
+    mult.update({n: float(m) for n, m in zip(pnames, x_best)})
+    sim_feeds = feeds_of(final) if pm is not None else None
 
     # -- write the annotations; check both points on the exported QDQ model -------------------------------
     def apply(ranges: dict, method: str) -> float:
-        for n, r in ranges.items():
-            anns[n].set_range(r[0], r[1])
-            anns[n].method = method
-        finalize_derived(g)
-        qg.invalidate()
+        apply_clipping(qg, ranges, method=method, fold=fold)
         return loss_fn(qg.run(data), labels, ref)
 
     init_qdq = apply(init, f"lp:{p_final:.3g}")
@@ -637,8 +1131,12 @@ def lapq(qg, calib: Iterable[dict], *, p_grid: Sequence[float] = (2.0, 2.5, 3.0,
     reverted = False
     if final_qdq > init_qdq:
         final_qdq = apply(init, f"lp:{p_final:.3g}")
-        final, x_best, reverted = init, np.ones(len(names)), True
-    g.history.append(f"lapq: p={p_final:.3g}, loss {init_qdq:.4g} -> {final_qdq:.4g} ({len(history)} evaluations)")
+        final, reverted = init, True
+        mult = dict.fromkeys(names, 1.0)
+        sim_feeds = feeds_of(init) if pm is not None else None
+    qg.lapq_fold = fold
+    g.history.append(f"lapq: p={p_final:.3g}, loss {init_qdq:.4g} -> {final_qdq:.4g} ({len(history)} evaluations"
+                     + (f", bias correction {mode}" if mode else "") + ")")
     evals = ev.evals if engine == "param" else ev_count["evals"]
     ev_seconds = ev.seconds if engine == "param" else ev_count["seconds"]
 
@@ -649,9 +1147,12 @@ def lapq(qg, calib: Iterable[dict], *, p_grid: Sequence[float] = (2.0, 2.5, 3.0,
         p=float(p_final), p_grid=grid_losses, p_grid_best=float(p_best), p_refined=p_refined, fp32_loss=fp32_loss,
         minmax_loss=minmax_loss, init_loss=init_loss, final_loss=float(best["loss"]) if not reverted else init_loss,
         init_loss_qdq=init_qdq, final_loss_qdq=final_qdq, reverted=reverted, loss=loss_name, history=history,
-        clip={n: _tolist(final[n]) for n in names}, multipliers={n: float(m) for n, m in zip(names, x_best)},
+        clip={n: _tolist(final[n]) for n in names}, multipliers=mult,
         edges=list(names), evals=evals,
         seconds={"stats": t_stats, "build": t_build, "step1": t_step1, "step2": t_step2,
                  "per_eval": ev_seconds / max(evals, 1), "total": time.perf_counter() - t_start},
         engine=engine, powell={"nit": int(getattr(res, "nit", 0)), "nfev": int(getattr(res, "nfev", 0)),
-                               "message": str(getattr(res, "message", ""))})
+                               "message": str(getattr(res, "message", ""))},
+        bias_correction=mode, init_clip={n: _tolist(init[n]) for n in names},
+        folded=[e[0] for e in fold.entries] if fold else [], param_model=pm, sim_feeds=sim_feeds,
+        powell_edges=list(pnames), powell_loss=float(best["loss"]))

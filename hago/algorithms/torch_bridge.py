@@ -42,6 +42,9 @@ SUPPORTED_OPS = (
     "LeakyRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten",
     "Reshape", "Transpose", "Concat", "Softmax", "Identity", "Dropout", "BatchNormalization",
     "Squeeze", "Unsqueeze", "Constant",
+    # shape arithmetic and the transformer parts of PP-OCRv4 recognition (SVTR neck: LayerNorm as
+    # ReduceMean / Pow / Sqrt, HardSwish as HardSigmoid * x)
+    "Shape", "Cast", "Slice", "ReduceMean", "Pow", "Sqrt", "HardSigmoid", "HardSwish", "Gather",
 )
 
 # Ops whose constant operands are trainable parameters (the others' constants are buffers).
@@ -649,6 +652,88 @@ def _define_module():
             for ax in sorted((ax + rank) % rank for ax in axes):
                 t = t.unsqueeze(ax)
             return t
+
+        # -- shape arithmetic and the ops of transformer blocks -------------------------------------
+        def _op_Shape(self, node, a, x):
+            shape = torch.tensor(list(x[0].shape), dtype=torch.int64)
+            start, end = a.get("start", 0), a.get("end")
+            return shape[start:end] if end is not None else shape[start:]
+
+        _CAST = {1: "float32", 10: "float16", 11: "float64", 6: "int32", 7: "int64", 9: "bool", 2: "uint8",
+                 3: "int8", 16: "bfloat16"}
+
+        def _op_Cast(self, node, a, x):
+            to = int(a["to"])
+            if to not in self._CAST:
+                raise ModelError(f"node {node.name!r}: Cast to ONNX type {to} is not supported")
+            return x[0].to(getattr(torch, self._CAST[to]))
+
+        def _op_Slice(self, node, a, x):
+            t = x[0]
+            if self.opset < 10:
+                starts, ends, axes, steps = a["starts"], a["ends"], a.get("axes"), None
+            else:
+                starts = [int(v) for v in x[1].reshape(-1).tolist()]
+                ends = [int(v) for v in x[2].reshape(-1).tolist()]
+                axes = [int(v) for v in x[3].reshape(-1).tolist()] if len(x) > 3 and x[3] is not None else None
+                steps = [int(v) for v in x[4].reshape(-1).tolist()] if len(x) > 4 and x[4] is not None else None
+            axes = list(range(len(starts))) if axes is None else axes
+            steps = [1] * len(starts) if steps is None else steps
+            idx = [slice(None)] * t.dim()
+            flips = []
+            for st, en, ax, sp in zip(starts, ends, axes, steps):
+                ax = ax + t.dim() if ax < 0 else ax
+                n = t.shape[ax]
+                st = st + n if st < 0 else st
+                en = en + n if en < 0 else en
+                if sp > 0:
+                    idx[ax] = slice(max(0, min(st, n)), max(0, min(en, n)), sp)
+                else:  # negative steps: torch has none; take the forward slice and flip it
+                    st, en = min(st, n - 1), max(en, -1)
+                    lo = en + 1
+                    sel = torch.arange(st, lo - 1, sp) if st >= lo else torch.arange(0)
+                    idx[ax] = sel
+                    flips.append(ax)
+            if flips:
+                for ax in range(t.dim()):
+                    if isinstance(idx[ax], torch.Tensor):
+                        t = t.index_select(ax, idx[ax])
+                        idx[ax] = slice(None)
+            return t[tuple(idx)]
+
+        def _op_Gather(self, node, a, x):
+            axis = int(a.get("axis", 0))
+            t, ind = x[0], x[1].long()
+            axis = axis + t.dim() if axis < 0 else axis
+            ind = torch.where(ind < 0, ind + t.shape[axis], ind)
+            out = t.index_select(axis, ind.reshape(-1))
+            return out.reshape(list(t.shape[:axis]) + list(ind.shape) + list(t.shape[axis + 1:]))
+
+        def _op_ReduceMean(self, node, a, x):
+            t = x[0]
+            axes = self._axes(a, x) if self.opset >= 18 else a.get("axes")
+            keep = bool(a.get("keepdims", 1))
+            if not axes:
+                if a.get("noop_with_empty_axes", 0):
+                    return t
+                axes = list(range(t.dim()))
+            return t.mean(dim=tuple(int(v) for v in axes), keepdim=keep)
+
+        def _op_Pow(self, node, a, x):
+            e = x[1]
+            if e.numel() == 1 and float(e.reshape(-1)[0]) == 2.0:
+                return x[0] * x[0]
+            return torch.pow(x[0], e.to(x[0].dtype) if x[0].is_floating_point() else e)
+
+        def _op_Sqrt(self, node, a, x):
+            return torch.sqrt(x[0])
+
+        def _op_HardSigmoid(self, node, a, x):
+            alpha, beta = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
+            return torch.clamp(x[0] * alpha + beta, 0.0, 1.0)
+
+        def _op_HardSwish(self, node, a, x):
+            return x[0] * torch.clamp(x[0] / 6.0 + 0.5, 0.0, 1.0)
 
     OnnxModule.__module__ = __name__
     return OnnxModule
