@@ -218,7 +218,6 @@ def _conv_window_sum(node, x: np.ndarray, wshape) -> np.ndarray:
     import onnxruntime as ort
 
     attrs = {k: a.value for k, a in node.attributes.items()}
-    group = int(attrs.get("group", 1))
     cout = int(wshape[0])
     ones = np.ones(wshape, np.float32)
     kw = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in attrs.items()
@@ -231,7 +230,6 @@ def _conv_window_sum(node, x: np.ndarray, wshape) -> np.ndarray:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     y = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    del group
     return y.reshape(y.shape[0], cout, -1).mean(axis=(0, 2)).astype(np.float64)
 
 
@@ -254,7 +252,8 @@ class BiasFold:
             oc = _out_axis(graph, wname, w.ndim) if w is not None else None
             uses = list(v.uses())
             node = uses[0].node if uses else None
-            bias = node.inputs[2] if (node is not None and node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2) else None
+            has_bias = node is not None and node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2
+            bias = node.inputs[2] if has_bias else None
             if (oc is None or wname not in input_sums or bias is None or bias.const_value is None
                     or len(list(bias.uses())) != 1 or len(uses) != 1):
                 skipped.append(wname)
@@ -910,7 +909,8 @@ def lapq(qg, calib: Iterable[dict], *, p_grid: Sequence[float] = P_GRID, refine_
          include: Sequence[str] = ("weight", "activation"), xtol: float = 1e-2, ftol: float = 1e-4,
          bounds: tuple[float, float] = (0.05, 1.5), engine: str = "param", max_samples: int | None = None,
          bias_correction: bool | str = True, edges: Sequence[str] | None = None,
-         powell_edges: int | Sequence[str] | None = None, threads: int | None = None, observers: dict | None = None, verbose: bool = False) -> LapqResult:
+         powell_edges: int | Sequence[str] | None = None, threads: int | None = None,
+         observers: dict | None = None, verbose: bool = False) -> LapqResult:
     """Loss-aware clipping of a :class:`hago.QuantizedGraph`, in place (annotations, then ``qg.invalidate()``).
 
     ``calib``: iterable of ``{input_name: array}`` batches, with ``label`` for the
@@ -923,8 +923,9 @@ def lapq(qg, calib: Iterable[dict], *, p_grid: Sequence[float] = P_GRID, refine_
     sets every tensor): the named edges, or an int ``K``, the ``K`` tensors
     with the largest relative quantization noise power at the Lp init
     (:func:`noise_power`); the others keep their Lp clipping. A budget device
-    for large models, where one Powell sweep over every tensor is too long. ``maxiter``/``maxfev`` bound Powell (the reference code runs 1
-    or 2 iterations); ``bounds`` are the multiplier bounds relative to the Lp
+    for large models, where one Powell sweep over every tensor is too long.
+    ``maxiter``/``maxfev`` bound Powell (the reference code runs 1 or 2
+    iterations, no evaluation cap); ``bounds`` are the multiplier bounds relative to the Lp
     range (the upper one is raised per tensor to reach its min-max range).
     ``engine``: ``"param"`` (one QDQ model, parameters fed as inputs) or
     ``"rebuild"`` (export and a new session per evaluation).
@@ -988,7 +989,8 @@ def lapq(qg, calib: Iterable[dict], *, p_grid: Sequence[float] = P_GRID, refine_
     if edges is not None:
         unknown = set(edges) - set(names)
         if unknown:
-            raise HagoError(f"edges {sorted(unknown)[:5]} are not quantized {' or '.join(include)} tensors of {g.source}")
+            raise HagoError(f"edges {sorted(unknown)[:5]} are not quantized {' or '.join(include)} tensors "
+                            f"of {g.source}")
         keep = set(edges)
         names = [n for n in names if n in keep]
     if not names:
