@@ -313,3 +313,19 @@ def test_powell_edges_restricts_step_two():
     assert r2.powell_edges == one
     with pytest.raises(HagoError, match="powell_edges"):
         lapq(_w4a4(data), data, p_grid=(2.0,), maxfev=2, powell_edges=["nope"])
+
+
+def test_relu_folded_edges_stay_non_negative():
+    """An Add whose only consumer is a Relu (tied) is quantized on [0, max] by hago.quantize; LAPQ's
+    candidates keep that (zero point 0), with the Lp search on the non-negative part."""
+    from hago.algorithms.lapq import relu_folded
+
+    data = _data()
+    qg = _w4a4(data)
+    folded = relu_folded(qg.graph)
+    assert folded
+    r = lapq(qg, data, p_grid=(2.0, 3.0), refine_p=False, maxiter=1, maxfev=8)
+    for n in folded & set(r.edges):
+        a = qg.graph.annotation(qg.graph.value(n))
+        assert a.rmin == 0.0 and int(a.zero_point) == 0 and a.rmax > 0
+        assert r.init_clip[n][0] == 0.0

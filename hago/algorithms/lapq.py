@@ -84,7 +84,7 @@ _NP_TYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np
 
 __all__ = ["lapq", "LapqResult", "ParamModel", "LossEvaluator", "lp_ranges", "make_loss", "apply_clipping", "BiasFold",
            "input_window_sums", "weight_mean_shift", "P_GRID",
-           "mean_preserving_codes", "WeightRounding", "noise_power"]
+           "mean_preserving_codes", "WeightRounding", "noise_power", "relu_folded"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -848,8 +848,47 @@ def noise_power(graph: Graph, observers: dict | None, name: str, r: tuple) -> fl
     return float(np.sum(h * e * e) / max(np.sum(h * c * c), 1e-30))
 
 
-def lp_ranges(graph: Graph, observers: dict, edges: Sequence[str], p: float) -> dict[str, tuple]:
-    """Lp-optimal ``(rmin, rmax)`` of each named edge (activations from observers, weights from constants)."""
+def relu_folded(graph: Graph) -> set[str]:
+    """Unsigned per-tensor activation edges whose only consumer is a Relu that reuses their quantizer: their
+    range is ``[0, max]`` (zero point 0: the quantizer itself clamps the negatives, exactly ``Q(relu(x))``), as
+    :func:`hago.calibrate.apply_ranges` sets them and the QDQ export then drops the Relu."""
+    out = set()
+    for v, a in graph.annotated():
+        if a.kind != "activation" or a.fixed or a.tied_to is not None or a.signed or a.per_axis:
+            continue
+        uses = list(v.uses())
+        if len(uses) != 1 or uses[0].node.op_type != "Relu" or v.is_graph_output():
+            continue
+        o = uses[0].node.outputs[0]
+        oa = graph.annotation(o) if o is not None else None
+        if oa is not None and oa.tied_to == v.name:
+            out.add(v.name)
+    return out
+
+
+def _relu_range(ob, a: EdgeAnnotation, method: str) -> tuple:
+    """``(0, hi)`` of a Relu-folded edge: the method on the non-negative part of its histogram (negatives are
+    clamped to 0 exactly at any clipping, so they do not move the optimum)."""
+    from ..calibrate.observers import lp_range
+
+    if method == "minmax":
+        return 0.0, max(float(ob.max), 0.0)
+    p = float(method.split(":", 1)[1])
+    hist, edges = ob.hist, ob.edges
+    if hist is None:
+        return 0.0, max(float(ob.range(method, a)[1]), 0.0)
+    centers = 0.5 * (np.asarray(edges[:-1], np.float64) + np.asarray(edges[1:], np.float64))
+    keep = centers >= 0
+    if not np.any(keep & (np.asarray(hist) > 0)):
+        return 0.0, max(float(ob.max), 0.0)
+    _, hi = lp_range(np.asarray(hist)[keep], centers[keep], a, p)
+    return 0.0, float(min(max(hi, 0.0), max(float(ob.max), 0.0)))
+
+
+def lp_ranges(graph: Graph, observers: dict, edges: Sequence[str], p: float,
+              folded: set | None = None) -> dict[str, tuple]:
+    """Lp-optimal ``(rmin, rmax)`` of each named edge (activations from observers, weights from constants);
+    the edges of ``folded`` (:func:`relu_folded`) get ``(0, hi)`` from the non-negative part."""
     from ..calibrate.observers import weight_range
 
     out = {}
@@ -857,7 +896,10 @@ def lp_ranges(graph: Graph, observers: dict, edges: Sequence[str], p: float) -> 
         v = graph.value(name)
         a = graph.annotation(v)
         if a.kind == "activation":
-            out[name] = observers[name].range(f"lp:{p}", a)
+            if folded and name in folded:
+                out[name] = _relu_range(observers[name], a, f"lp:{p}")
+            else:
+                out[name] = observers[name].range(f"lp:{p}", a)
         else:
             w = Graph.const(v)
             if w is None:
@@ -866,14 +908,19 @@ def lp_ranges(graph: Graph, observers: dict, edges: Sequence[str], p: float) -> 
     return out
 
 
-def minmax_ranges(graph: Graph, observers: dict, edges: Sequence[str]) -> dict[str, tuple]:
+def minmax_ranges(graph: Graph, observers: dict, edges: Sequence[str], folded: set | None = None) -> dict[str, tuple]:
     from ..calibrate.observers import weight_range
 
     out = {}
     for name in edges:
         v = graph.value(name)
         a = graph.annotation(v)
-        out[name] = observers[name].range("minmax", a) if a.kind == "activation" else weight_range(Graph.const(v), a, "minmax")
+        if a.kind != "activation":
+            out[name] = weight_range(Graph.const(v), a, "minmax")
+        elif folded and name in folded:
+            out[name] = _relu_range(observers[name], a, "minmax")
+        else:
+            out[name] = observers[name].range("minmax", a)
     return out
 
 
@@ -1051,13 +1098,14 @@ def lapq(qg, calib: Iterable[dict], *, p_grid: Sequence[float] = P_GRID, refine_
 
     # -- step 1: the Lp norm -----------------------------------------------------------------------
     t0 = time.perf_counter()
-    mm = minmax_ranges(g, observers, names)
+    folded_relu = relu_folded(g)
+    mm = minmax_ranges(g, observers, names, folded_relu)
     minmax_loss = tracked(mm)
     grid_losses: dict[float, float] = {}
     grid_ranges: dict[float, dict] = {}
     for p in p_grid:
         p = float(p)
-        grid_ranges[p] = lp_ranges(g, observers, names, p)
+        grid_ranges[p] = lp_ranges(g, observers, names, p, folded_relu)
         grid_losses[p] = tracked(grid_ranges[p])
         if verbose:
             print(f"lapq: p={p:g} loss {grid_losses[p]:.5f}")
@@ -1070,7 +1118,7 @@ def lapq(qg, calib: Iterable[dict], *, p_grid: Sequence[float] = P_GRID, refine_
         pr = _fit_p(ps, np.array([grid_losses[p] for p in ps]))
         if pr is not None and all(abs(pr - p) > 1e-6 for p in ps):
             p_refined = pr
-            r = lp_ranges(g, observers, names, pr)
+            r = lp_ranges(g, observers, names, pr, folded_relu)
             lr = tracked(r)
             if verbose:
                 print(f"lapq: refined p={pr:.3f} loss {lr:.5f}")
