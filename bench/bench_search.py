@@ -1,7 +1,7 @@
 """The search driver against measured latency: hago's searched model vs FP32 vs all-INT8 vs onnxruntime INT8.
 
     python bench/bench_search.py [--models resnet50,squeezenet,shufflenet,mobilenetv2] [--measure onnxruntime|tvm]
-                                 [--threads 1] [--budget 24] [--max-drop 1.0] [--spearman 40]
+                                 [--threads 1] [--budget 24] [--max-drop 1.0] [--spearman 40 [--splits 20]]
 
 For each model (random-weight versions of the onnx package's light graphs; a
 MobileNetV2-shaped graph from hago.examples.zoo), batch 1, in one run on this machine:
@@ -9,9 +9,12 @@ onnxruntime FP32; onnxruntime INT8 from ``quantize_static`` (QDQ, per-channel);
 hago all-INT8 (x86_avx2 spec); and ``hago.search`` (model-based strategy) with
 latency measured by ``--measure``. Accuracy without labels is top-1 agreement
 with the float model on random inputs, budget ``--max-drop`` points.
-``--spearman N`` measures N random configurations of the first model, fits the
-xgboost latency model on 70% and reports the Spearman rank correlation of
-predicted vs measured whole-model latency on the held-out 30%.
+``--spearman N`` measures N random configurations of each model (twice: the
+pass-to-pass Spearman is the measurement's own ceiling), fits the latency model
+(config features + the profile-composed prior of 8 profiled configs) on 70% and
+reports the Spearman rank correlation of predicted vs measured whole-model
+latency on the held-out 30%: the fixed split (first 70%) and mean/min over
+``--splits`` random 70/30 splits, next to the previous features-only model.
 ``--compare-strategies`` runs model-based, random and HAGO's greedy with the same
 number of measured trials and prints their Pareto fronts.
 """
@@ -109,6 +112,72 @@ class _Proto:
         return self.m
 
 
+def spearman_eval(name, n_cfg, ortl, splits=20, prior=True):
+    """Held-out Spearman of the latency model on ``n_cfg`` random configs of ``name`` (random subsets of the
+    candidate nodes kept float, the rest int8), each measured twice (two passes over all configs; y = their mean,
+    and the pass-to-pass Spearman is the measurement's own ceiling). Fixed split: fit on the first 70%, rank the
+    rest; plus ``splits`` random 70/30 splits (mean and min). Held-out configs are never used in fitting; the prior's
+    8 profiled configs are fixed depth patterns, not random configs."""
+    from hago.search.evaluate import Evaluator
+    from hago.search.latency import FeatureMap, LatencyModel, ProfilePrior, spearman
+    from hago.search.space import Config, build_space
+
+    g = hago.load(get_model(name))
+    inp = g.input_names[0]
+    shape = [d if isinstance(d, int) else 1 for d in g.inputs[0].shape]
+    ev = Evaluator(g, hago.load_spec("x86_avx2"), image_batches(shape, 2, 1, inp), None)
+    space = build_space(g, ev.spec)
+    fm = FeatureMap(g, space)
+    t0 = time.perf_counter()
+    pr = ProfilePrior.measure(g, space, ev.build, ortl.profile, regions=fm.regions) if prior else None
+    t_prior = time.perf_counter() - t0
+    fm.set_prior(pr)
+    rs = np.random.RandomState(0)
+    cfgs = []
+    for _ in range(n_cfg):
+        p = rs.rand()
+        cfgs.append(Config.make({}, [n for n in space.nodes if rs.rand() < p], "mse", space))
+    t0 = time.perf_counter()
+    qgs = [ev.build(c) for c in cfgs]
+    passes = [[ortl(q) for q in qgs] for _ in range(2)]
+    t_meas = time.perf_counter() - t0
+    y1, y2 = np.array(passes[0]), np.array(passes[1])
+    if os.environ.get("HAGO_BENCH_SAVE"):  # the raw measurements, to re-analyse without re-measuring
+        np.savez(os.path.join(os.environ["HAGO_BENCH_SAVE"], f"spearman_{name}.npz"), y1=y1, y2=y2,
+                 float_nodes=np.array([",".join(sorted(c.float_nodes)) for c in cfgs]))
+    y = (y1 + y2) / 2
+    X = np.stack([fm(c) for c in cfgs])
+    B = fm.base_dim
+    k = int(0.7 * n_cfg)
+
+    def features_only(tr, te):  # the previous model: the config features alone
+        return LatencyModel().fit(X[tr][:, :B], y[tr]).predict(X[te][:, :B])
+
+    def with_prior(tr, te):
+        return LatencyModel().fit(X[tr], y[tr], prior_col=fm.prior_index if pr else None).predict(X[te])
+
+    def prior_alone(tr, te):
+        return X[te, fm.prior_index]
+
+    perms = [np.random.RandomState(1 + i).permutation(n_cfg) for i in range(splits)]
+    perms = [(pm[:k], pm[k:]) for pm in perms]
+    fixed = (np.arange(k), np.arange(k, n_cfg))
+    print(f"\nlatency model on {name}: {n_cfg} random configs ({len(space.nodes)} candidate nodes), each measured "
+          f"twice ({t_meas:.0f} s); measured range {y.min():.2f}-{y.max():.2f} ms; "
+          + (f"prior from 8 profiled configs ({t_prior:.1f} s)" if pr else "no prior"))
+    print(f"  measurement ceiling (pass 1 vs pass 2): Spearman {spearman(y1, y2):.3f} over all, "
+          f"{spearman(y1[k:], y2[k:]):.3f} on the fixed held-out {n_cfg - k}, mean "
+          f"{np.mean([spearman(y1[te], y2[te]) for _, te in perms]):.3f} over the {splits} held-out sets")
+    for label, f in (("features only (previous model)", features_only), ("features + profile prior", with_prior),
+                     ("profile prior alone (no fit)", prior_alone)):
+        if f is not features_only and pr is None:
+            continue
+        sp = [spearman(f(tr, te), y[te]) for tr, te in perms]
+        p1 = spearman(f(*fixed), y1[k:])
+        print(f"  {label:<32} fixed split {spearman(f(*fixed), y[k:]):.3f} (vs pass 1 alone {p1:.3f}); "
+              f"{splits} random 70/30 splits: mean {np.mean(sp):.3f}, min {np.min(sp):.3f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="resnet50,squeezenet,shufflenet,mobilenetv2")
@@ -117,7 +186,10 @@ def main():
     ap.add_argument("--budget", type=int, default=24)
     ap.add_argument("--max-drop", type=float, default=1.0)
     ap.add_argument("--spearman", type=int, default=0)
+    ap.add_argument("--splits", type=int, default=20, help="random 70/30 splits for --spearman")
+    ap.add_argument("--no-prior", action="store_true", help="--spearman without the profile prior")
     ap.add_argument("--compare-strategies", action="store_true")
+    ap.add_argument("--seeds", type=int, default=3, help="searches per strategy for --compare-strategies")
     ap.add_argument("--calib", type=int, default=8)
     ap.add_argument("--eval", type=int, default=32)
     a = ap.parse_args()
@@ -177,33 +249,8 @@ def main():
               f"{r['ort_int8'] / r['best_lat']:.2f}x | {r['n_float']} | {r['search_s']:.0f} |")
 
     if a.spearman:
-        name = a.models.split(",")[0]
-        g = hago.load(get_model(name))
-        inp = g.input_names[0]
-        shape = [d if isinstance(d, int) else 1 for d in g.inputs[0].shape]
-        from hago.search.driver import Driver
-        from hago.search.evaluate import Evaluator
-        from hago.search.latency import FeatureMap, LatencyModel, spearman
-        from hago.search.space import Config, build_space
-
-        ev = Evaluator(g, hago.load_spec("x86_avx2"), image_batches(shape, 2, 1, inp), None)
-        space = build_space(g, ev.spec)
-        fm = FeatureMap(g, space)
-        rs = np.random.RandomState(0)
-        cfgs, lat = [], []
-        for i in range(a.spearman):
-            p = rs.rand()
-            fl = [n for n in space.nodes if rs.rand() < p]
-            cfg = Config.make({}, fl, "mse", space)
-            cfgs.append(cfg)
-            lat.append(ortl(ev.build(cfg)))
-        X = np.stack([fm(c) for c in cfgs])
-        y = np.array(lat)
-        k = int(0.7 * len(y))
-        m = LatencyModel().fit(X[:k], y[:k])
-        pred = m.predict(X[k:])
-        print(f"\nlatency model on {name}: trained on {k} measured configs, held-out {len(y) - k}: "
-              f"Spearman {spearman(pred, y[k:]):.3f}; measured range {y.min():.2f}-{y.max():.2f} ms")
+        for name in a.models.split(","):
+            spearman_eval(name, a.spearman, ortl, splits=a.splits, prior=not a.no_prior)
 
     if a.compare_strategies:
         name = a.models.split(",")[0]
@@ -212,13 +259,30 @@ def main():
         shape = [d if isinstance(d, int) else 1 for d in g.inputs[0].shape]
         calib = image_batches(shape, a.calib, 1, inp)
         ev = image_batches(shape, a.eval, 2, inp)
-        print(f"\nstrategies on {name}, {a.budget} measured trials each (accuracy = agreement %, latency ms):")
+        print(f"\nstrategies on {name}, {a.budget} measured trials each, seeds 0..{a.seeds - 1} (accuracy = agreement %, "
+              f"latency ms; 'vs fp32' = best / the all-float reference, both re-measured side by side in the final "
+              f"confirmation rounds, so machine drift between runs cancels):", flush=True)
+        summary = {}
         for strat in ("model", "random", "greedy"):
-            r = hago.search(g, "x86_avx2", calib, ev, max_drop=a.max_drop, strategy=strat, budget=a.budget,
-                            measure=ortl if a.measure == "onnxruntime" else a.measure, threads=a.threads, progress=False)
-            front = ", ".join(f"({t.accuracy * 100:.1f}, {t.latency_ms:.2f})" for t in r.pareto)
-            b = r.best
-            print(f"  {strat:<8} best ({b.accuracy * 100:.1f}%, {b.latency_ms:.3f} ms)  pareto: {front}")
+            for seed in range(a.seeds):
+                t0 = time.perf_counter()
+                with tempfile.TemporaryDirectory() as cache:  # no latency cache shared between runs
+                    r = hago.search(g, "x86_avx2", calib, ev, max_drop=a.max_drop, strategy=strat, budget=a.budget,
+                                    measure=ortl if a.measure == "onnxruntime" else a.measure, threads=a.threads,
+                                    progress=False, seed=seed, cache_dir=cache)
+                front = ", ".join(f"({t.accuracy * 100:.1f}, {t.latency_ms:.2f})" for t in r.pareto)
+                b = r.best
+                ratio = b.latency_ms / r.fp32_latency_ms
+                summary.setdefault(strat, []).append((b.latency_ms, ratio, len(b.config.float_nodes)))
+                print(f"  {strat:<7} seed {seed}: best ({b.accuracy * 100:.1f}%, {b.latency_ms:.3f} ms, "
+                      f"{len(b.config.float_nodes)} float nodes), fp32 {r.fp32_latency_ms:.3f} ms, vs fp32 {ratio:.3f}, "
+                      f"{time.perf_counter() - t0:.0f} s; pareto: {front}", flush=True)
+        print(f"\n| strategy | mean best ms | mean best / fp32 | min / max best / fp32 | float nodes of best |")
+        print("|---|---|---|---|---|")
+        for strat, v in summary.items():
+            v = np.array(v)
+            print(f"| {strat} | {v[:, 0].mean():.3f} | {v[:, 1].mean():.3f} | {v[:, 1].min():.3f} / {v[:, 1].max():.3f} | "
+                  f"{', '.join(str(int(x)) for x in v[:, 2])} |")
 
 
 if __name__ == "__main__":

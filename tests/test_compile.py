@@ -390,3 +390,55 @@ def test_cuda_compile_int8_conv(tmp_path):
         x = np.random.RandomState(1).randint(0, 256, size=(1, 16, 8, 8)).astype(np.uint8)
         ref = np.clip(_conv_ref_general(x, w, 1, 1) >> 8, 0, 255).astype(np.uint8)
         np.testing.assert_array_equal(art.run({"x": x})[0], ref)
+
+
+def _named_add_func(block: str):
+    """The same PrimFunc (a 32 x 32 x 32 matmul) with a different block name: what two compiles of the same layer
+    under different Relax variable names give (MetaSchedule traces find blocks by name)."""
+    from tvm import te
+
+    a = te.placeholder((32, 32), "float32", name="a")
+    b = te.placeholder((32, 32), "float32", name="b")
+    k = te.reduce_axis((0, 32), name="k")
+    y = te.compute((32, 32), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name=block)
+    return te.create_prim_func([a, b, y])
+
+
+def test_tuning_equal_kernels_under_other_block_names_keeps_database_loadable(tmp_path):
+    """A kernel structurally equal to one in the database but with other block names is tuned on the stored
+    workload, so that every record replays on its workload and the database reopens (it used not to)."""
+    from hago.backend.tune import apply_database, open_database, tune_module
+
+    tgt = make_target(X86, threads=1)
+    db_dir = str(tmp_path / "db")
+    for name in ("lv7_add", "lv233_add"):
+        mod = tvm.IRModule({"main": _named_add_func(name)})
+        tune_module(mod, tgt, trials_per_task=2, database_dir=db_dir, progress=False, threads=1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no record needs repair (before the fix the second one did not replay)
+        db = open_database(db_dir)
+    assert len(db) >= 2
+    # a kernel under a third name gets a stored schedule
+    out = apply_database(tvm.IRModule({"k": _named_add_func("lv999_add")}), tgt, db)
+    assert out["k"].attrs.get("tirx.is_scheduled", False)
+
+
+def test_open_database_moves_unreplayable_records_aside(tmp_path):
+    from hago.backend.tune import open_database, tune_module
+
+    tgt = make_target(X86, threads=1)
+    db_dir = tmp_path / "db"
+    tune_module(tvm.IRModule({"main": _named_add_func("good_add")}), tgt, trials_per_task=2,
+                database_dir=str(db_dir), progress=False, threads=1)
+    rec = db_dir / "database_tuning_record.json"
+    lines = rec.read_text().splitlines()
+    n = len(lines)
+    assert n >= 1 and '"good_add"' in lines[0]
+    rec.write_text("\n".join(lines + [lines[0].replace('"good_add"', '"no_such_block"')]) + "\n")
+    with pytest.warns(UserWarning, match="1 record"):
+        db = open_database(str(db_dir))
+    assert len(db) == n
+    assert "no_such_block" in (db_dir / "database_tuning_record.json.bad").read_text()
+    assert "no_such_block" not in rec.read_text()

@@ -227,3 +227,158 @@ def test_latency_model_ranks_held_out_configs(setup):
     X = np.stack([fm(c) for c in cfgs])
     m = LatencyModel().fit(X[:30], np.array(y[:30]))
     assert spearman(m.predict(X[30:]), np.array(y[30:])) >= 0.9
+
+
+def _random_float_sets(space, n, seed=0):
+    rs = np.random.RandomState(seed)
+    out = [frozenset(), frozenset(space.nodes)]
+    while len(out) < n:
+        p = rs.rand()
+        out.append(frozenset(x for x in space.nodes if rs.rand() < p))
+    return out
+
+
+def test_regions_follow_partition(setup):
+    """The feature map's fast region rule gives the regions partition gives a config (a float leader takes its
+    float-capable followers with it)."""
+    from hago.search.evaluate import prepare
+    from hago.search.latency import Regions
+    from hago.search.space import build_space
+
+    g = setup[0]
+    spec = hago.load_spec("x86_avx2")
+    space = build_space(g, spec)
+    reg = Regions(g, spec)
+    changed = 0
+    for fl in _random_float_sets(space, 12):
+        h = prepare(g, spec, Config.make({}, fl, "mse", space))
+        real = {n.name: h.region(n) == "int" for n in h.nodes()}
+        sim = reg(fl)
+        assert sim == {k: sim[k] for k in real} and all(sim[k] == real[k] for k in real), fl
+        changed += sum(1 for k in real if not real[k] and k not in fl and k in reg.int_ok)
+    assert changed > 0  # some node went float only through its producer: float_nodes alone would be wrong
+    nb, el = reg.boundaries(reg(frozenset()))
+    assert nb == 2 and el > 0  # all-integer: the graph input's Q and the output's DQ
+    assert reg.boundaries(reg(frozenset(space.nodes))) == (0, 0.0)
+
+
+def _fake_profile(reg, space, is_int, t_float, t_int, names):
+    """Profile rows as onnxruntime names them: ``<node>_token_<k>`` for rewritten integer nodes, ``<value>_nchwc``
+    for NCHWc float nodes, fused followers folded into their leader's row, a layout node of its own."""
+    rows = []
+    for n in space.nodes:
+        rows.append({"node": names[n][1] if is_int[n] else names[n][0], "op": "X",
+                     "ms": t_int[n] if is_int[n] else t_float[n]})
+    rows.append({"node": "ReorderInput_token_3", "op": "ReorderInput", "ms": 0.0 if any(is_int.values()) else 0.5})
+    return rows
+
+
+def test_profile_prior_composes_node_times(setup):
+    """The prior maps onnxruntime's row names back to graph nodes and adds up, per config, each group's time in its
+    precision: it reproduces the profiled configs exactly and composes unseen mixes from them."""
+    from hago.search.latency import FeatureMap, ProfilePrior
+    from hago.search.space import build_space
+
+    g = setup[0]
+    space = build_space(g, hago.load_spec("x86_avx2"))
+    fm = FeatureMap(g, space)
+    reg = fm.regions
+    rs = np.random.RandomState(3)
+    t_float = {n: float(rs.uniform(1, 3)) for n in space.nodes}
+    t_int = {n: float(rs.uniform(0.2, 1)) for n in space.nodes}
+    out_value = {n.name: n.outputs[0].name for n in g.nodes()}
+    names = {n: (f"{out_value[n]}_nchwc", f"{n}_token_{i}") for i, n in enumerate(space.nodes)}
+    sets = [frozenset(space.nodes), frozenset()] + ProfilePrior.patterns(g, space)
+    profs = [(fl, _fake_profile(reg, space, reg(fl), t_float, t_int, names)) for fl in sets]
+    pr = ProfilePrior(g, reg, profs)
+    assert set(pr.groups) == set(space.nodes)  # every row found its node (no name left unattributed)
+    assert pr.u_float == pytest.approx(0.5) and pr.u_int == 0.0
+    for fl in _random_float_sets(space, 10, seed=4):
+        is_int = reg(fl)
+        want = sum(t_int[n] if is_int[n] else t_float[n] for n in space.nodes)
+        fl_ms, int_ms, bnd, un = pr.parts(is_int)
+        assert fl_ms + int_ms == pytest.approx(want)
+        assert bnd == 0.0  # no Q/DQ rows in the fake profiles: boundaries cost nothing
+    assert pr(reg(frozenset(space.nodes))) == pytest.approx(sum(t_float.values()) + 0.5)
+    # the feature map carries the prior in its column; without a prior that column is 0
+    c = Config.make({}, list(space.nodes)[:2], "mse", space)
+    assert fm(c)[fm.prior_index] == 0.0
+    fm.set_prior(pr)
+    assert fm(c)[fm.prior_index] == pytest.approx(pr(reg(c.float_nodes)))
+
+
+def test_profile_prior_context_dependent_time(setup):
+    """A group timed differently next to the other precision (onnxruntime's layouts) is priced by its neighbours'
+    precision, not only its own."""
+    from hago.search.latency import ProfilePrior, Regions
+    from hago.search.space import build_space
+
+    g = setup[0]
+    space = build_space(g, hago.load_spec("x86_avx2"))
+    reg = Regions(g, hago.load_spec("x86_avx2"))
+    sets = [frozenset(space.nodes), frozenset()] + ProfilePrior.patterns(g, space)
+    pr0 = ProfilePrior(g, reg, [(fl, []) for fl in sets])
+    # a node that, kept float alone, feeds an integer consumer (the MaxPool before an integer Conv)
+    slow = [n for n in space.nodes if any(reg(frozenset([n])).get(c, False) for c in pr0.cons.get(n, ()))
+            and not reg(frozenset([n]))[n]][0]
+
+    def rows(fl):
+        is_int = reg(fl)
+        out = []
+        for n in space.nodes:
+            t = 0.5 if is_int[n] else 1.0
+            if n == slow and not is_int[n] and any(is_int.get(c, False) for c in pr0.cons.get(n, ())):
+                t = 10.0  # float, feeding an integer consumer
+            out.append({"node": n, "op": "X", "ms": t})
+        return out
+
+    pr = ProfilePrior(g, reg, [(fl, rows(fl)) for fl in sets])
+    for fl in [frozenset([slow])] + _random_float_sets(space, 12, seed=7):
+        is_int = reg(fl)
+        want = sum(r["ms"] for r in rows(fl) if not is_int[r["node"]])
+        assert pr.parts(is_int)[0] == pytest.approx(want), sorted(fl)
+    assert pr.parts(reg(frozenset([slow])))[0] >= 10.0
+
+
+def test_latency_model_uses_the_prior():
+    """With a prior column the model fits latency ~ a * prior + b plus a ridge correction: it ranks held-out
+    configs whose latency follows the prior, where the per-node features alone (few samples, many nodes) do not."""
+    from hago.search.latency import LatencyModel, spearman
+
+    rs = np.random.RandomState(0)
+    n_nodes, n = 60, 40
+    cost_f, cost_i = rs.uniform(0.5, 3, n_nodes), rs.uniform(0.1, 3.5, n_nodes)
+    Z = (rs.rand(n, n_nodes) < rs.rand(n, 1)).astype(float)  # 1 = integer
+    prior = Z @ cost_i + (1 - Z) @ cost_f
+    y = 1.2 * prior + 3.0 + rs.normal(0, 0.3, n)
+    X = np.hstack([Z, prior[:, None]])
+    m = LatencyModel().fit(X[:28], y[:28], prior_col=n_nodes)
+    assert m.prior_col == n_nodes and m.model is None  # no residual trees on 28 points
+    assert spearman(m.predict(X[28:]), y[28:]) >= 0.9
+    # a constant prior column (no prior: TVM latency) is ignored, the model still fits
+    Xc = np.hstack([Z, np.zeros((n, 1))])
+    mc = LatencyModel().fit(Xc[:28], y[:28], prior_col=n_nodes)
+    assert mc.prior_col is None and np.all(np.isfinite(mc.predict(Xc[28:])))
+
+
+class ProfilingLatency(FakeLatency):
+    """A fake target that can also profile per node (like onnxruntime): the driver builds the prior from it."""
+
+    def __init__(self):
+        super().__init__()
+        self.profiled = 0
+
+    def profile(self, qg, runs=20):
+        self.profiled += 1
+        return [{"node": n.name, "op": n.op_type, "ms": (1.0 if qg.graph.region(n) == "int" else 2.0)}
+                for n in qg.graph.nodes() if n.op_type in ("Conv", "Gemm")]
+
+
+def test_model_search_builds_the_profile_prior(setup, tmp_path):
+    m = ProfilingLatency()
+    r = _run(setup, tmp_path, strategy="model", budget=16, max_drop=2.0, measure=m)
+    assert m.profiled == 8 and r.latency_model["prior"]["profiled_configs"] == 8
+    assert r.best is not None and r.best.latency_ms <= r.fp32_latency_ms
+    m2 = ProfilingLatency()
+    r2 = _run(setup, tmp_path / "b", strategy="random", budget=4, measure=m2)
+    assert m2.profiled == 0 and "prior" not in r2.latency_model  # only the model-based strategy uses it

@@ -125,12 +125,61 @@ def open_database(path: str):
 
     register_intrinsics()  # records may name hago's intrinsics: they must be registered to parse the traces
     os.makedirs(path, exist_ok=True)
-    return ms.database.JSONDatabase(
-        path_workload=os.path.join(path, "database_workload.json"),
-        path_tuning_record=os.path.join(path, "database_tuning_record.json"),
-        allow_missing=True,
-        module_equality="structural",
-    )
+
+    def _open():
+        return ms.database.JSONDatabase(
+            path_workload=os.path.join(path, "database_workload.json"),
+            path_tuning_record=os.path.join(path, "database_tuning_record.json"),
+            allow_missing=True,
+            module_equality="structural",
+        )
+
+    try:
+        return _open()
+    except Exception:  # noqa: BLE001 - a record that no longer replays: drop it (kept aside) and reopen
+        dropped = repair_database(path)
+        if not dropped:
+            raise
+        import warnings
+
+        warnings.warn(f"tuning database {path}: {dropped} record(s) could not be replayed on their workload and "
+                      f"were moved to database_tuning_record.json.bad", stacklevel=2)
+        return _open()
+
+
+def repair_database(path: str) -> int:
+    """Move the tuning records of ``path`` that do not parse or replay on their workload (e.g. written by an
+    older hago whose traces named blocks of a differently named but structurally equal kernel) to
+    ``database_tuning_record.json.bad``; returns how many were moved."""
+    from tvm.s_tir import meta_schedule as ms
+
+    wpath = os.path.join(path, "database_workload.json")
+    rpath = os.path.join(path, "database_tuning_record.json")
+    try:
+        with open(wpath) as f:
+            wlines = [ln for ln in f.read().splitlines() if ln.strip()]
+        with open(rpath) as f:
+            rlines = [ln for ln in f.read().splitlines() if ln.strip()]
+    except OSError:
+        return 0
+    workloads: dict[int, object] = {}
+    good, bad = [], []
+    for ln in rlines:
+        try:
+            rec = json.loads(ln)
+            i = int(rec[0])
+            if i not in workloads:
+                workloads[i] = ms.database.Workload.from_json(json.loads(wlines[i]))
+            ms.database.TuningRecord.from_json(rec[1], workloads[i])
+            good.append(ln)
+        except Exception:  # noqa: BLE001
+            bad.append(ln)
+    if bad:
+        with open(rpath + ".bad", "a") as f:
+            f.write("\n".join(bad) + "\n")
+        with open(rpath, "w") as f:
+            f.write("\n".join(good) + ("\n" if good else ""))
+    return len(bad)
 
 
 def _read_ledger(path: str) -> dict:
@@ -308,9 +357,12 @@ def tune_module(mod, target, *, trials_per_task: int, database_dir: str, progres
             n_threads = int(threads) if threads else max(1, os.cpu_count() or 1)
             seeds = ms.utils.fork_seed(seed, n=len(todo)) if seed is not None else [None] * len(todo)
             for t, s in zip(todo, seeds):
+                # a structurally equal kernel may already be in the database under other block names (they come
+                # from Relax variable names): tune the stored one, so that the new records replay on it
+                stored = db.commit_workload(t.mod).mod
                 contexts.append(
                     ms.TuneContext(
-                        mod=t.mod,
+                        mod=stored,
                         target=target,
                         space_generator=space if space is not None else "post-order-apply",
                         search_strategy=_evolutionary(trials_per_task),

@@ -533,8 +533,9 @@ def schedule_packed_conv(func):
       ``(n, oc_chunk, oh) | ow_outer | ic_chunk, kh, kw, ic/4 | ow_inner (unrolled) | 16 oc x 4 ic`` with the
       ``16 x 4`` inner block tensorized by :data:`AVX2_DOT_16x4` (8 x 4 for 8-wide blocks), the outer spatial
       loops fused and parallel;
-    * every injective block between the conv and the output (unpack, bias, fixed-point requantize, clip, cast)
-      inlined into the output block, which is parallel over ``(n, c, h)``;
+    * every injective block between the conv and the output (unpack, bias, requantize, clip, cast) inlined into
+      the output block, which runs inside the conv's parallel loop right after each ``(oc block, output row)``
+      tile (still in L1);
     * the packing block parallel over ``(n, c_chunk, h)``.
 
     Returns the scheduled PrimFunc (attribute ``tirx.is_scheduled`` set, so MetaSchedule leaves it alone), or
@@ -571,14 +572,28 @@ def schedule_packed_conv(func):
     regn, extra = pick_register_block(ow)
     if extra:
         return None  # the compute was not padded to a multiple of the block
-    for name in _block_names(sch):  # the packing and output blocks: parallel over their three outer loops
-        if name != CONV_BLOCK:
+    after = _block_names(sch)
+    after = after[after.index(CONV_BLOCK) + 1:]  # the epilogue blocks, producers first
+    for name in _block_names(sch):  # the packing block: parallel over its three outer loops
+        if name == "data_pack":
             lps = sch.get_loops(sch.get_sblock(name))
             if len(lps) >= 3:
                 sch.parallel(sch.fuse(*lps[:3]))
     xo, xi = sch.split(x, [None, regn])
     sch.reorder(b, oc, y, xo, ico, kh, kw, icf, xi, oi, ics)
-    sch.parallel(sch.fuse(b, oc, y))
+    row = sch.fuse(b, oc, y)
+    sch.parallel(row)
+    # the epilogue runs right after each (oc block, output row) of the conv, on the 16 x OW accumulator tile
+    # while it is in L1 (run after the whole conv instead, it re-reads the int32 result from memory with a
+    # 64-byte stride per pixel); an epilogue block that cannot move there stays a parallel loop of its own
+    for name in after:
+        blk = sch.get_sblock(name)
+        try:
+            sch.reverse_compute_at(blk, row)
+        except Exception:  # noqa: BLE001
+            lps = sch.get_loops(blk)
+            if len(lps) >= 3:
+                sch.parallel(sch.fuse(*lps[:3]))
     sch.unroll(xi)
     sch.decompose_reduction(conv, ico)
     sch.tensorize(oi, intrin)

@@ -30,7 +30,7 @@ from ..hwspec import load_spec
 from ..ir import Graph, load
 from ..ir.annotation import EdgeAnnotation
 from .evaluate import Evaluator, multipoint_weights, prepare
-from .latency import FeatureMap, LatencyDB, LatencyModel, SparqLatencyTerm, make_measurer
+from .latency import FeatureMap, LatencyDB, LatencyModel, ProfilePrior, SparqLatencyTerm, make_measurer
 from .log import TrialLog, read_log
 from .space import Config, build_space
 from .strategies import STRATEGIES
@@ -160,7 +160,7 @@ class Driver:
 
     def __init__(self, graph: Graph, spec, evaluator: Evaluator, measurer, *, budget: int, objective: dict, seed: int,
                  log: TrialLog, previous: list[dict], db: LatencyDB | None, progress: bool, method: str,
-                 min_bits: int, extras: bool = True):
+                 min_bits: int, extras: bool = True, prior: bool = True):
         self.graph, self.spec, self.ev, self.measurer = graph, spec, evaluator, measurer
         self.space = build_space(graph, spec, min_bits=min_bits, per_channel=evaluator.per_channel,
                                  nonnegative=evaluator.nonnegative(), extras=extras)
@@ -177,6 +177,8 @@ class Driver:
         self._previous = {r["key"]: r for r in previous}
         self.max_evals = budget * 6
         self._sens = None
+        self._prior_done = not prior  # the profile prior of the latency model: built on first use
+        self.prior_info: dict = {}
         self._lat_model = None
         self._acc_model = None
         self._bar = None
@@ -344,11 +346,36 @@ class Driver:
         s = np.array([[sum(v for n, v in sens.items() if n not in c.float_nodes and np.isfinite(v))] for c in cfgs])
         return np.hstack([X, s])
 
+    def latency_prior(self) -> None:
+        """Once per search, where the measurer can profile per node (onnxruntime): the profile-composed prior of
+        the latency model (:class:`ProfilePrior`, 8 profiled configs, not counted as trials). Without it (TVM
+        latency) the model works on the config features alone."""
+        if self._prior_done:
+            return
+        self._prior_done = True
+        prof = getattr(self.measurer, "profile", None)
+        if prof is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            pr = ProfilePrior.measure(self.graph, self.space, self.ev.build, prof, method=self.default_method,
+                                      regions=self.features.regions)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - a profile that fails leaves the model without its prior
+            self.prior_info = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            return
+        self.features.set_prior(pr)
+        self.prior_info = {"profiled_configs": len(pr.u), "seconds": round(time.perf_counter() - t0, 2)}
+        self._lat_model = None
+
     def predict_latency(self, cfgs) -> np.ndarray:
+        self.latency_prior()
         data = self.measured()
         if self._lat_model is None and len(data) >= 2:
             y = np.array([t.measured_ms if t.modeled and t.measured_ms is not None else t.latency_ms for t in data])
-            self._lat_model = LatencyModel(seed=0).fit(self._X([t.config for t in data], latency=True), y)
+            pc = self.features.prior_index if self.features.prior is not None else None
+            self._lat_model = LatencyModel(seed=0).fit(self._X([t.config for t in data], latency=True), y, prior_col=pc)
         if self._lat_model is None:
             return np.zeros(len(cfgs))
         base = self._lat_model.predict(self._X(cfgs, latency=True))
@@ -431,5 +458,6 @@ def search(graph, spec, calib_data, eval_data=None, metric=None, *, objective: s
                         fp32_latency_ms=fp32_ms, objective=obj, space=d.space.to_dict(),
                         annotations=annotations, model_hash=model_hash, spec_name=spec.path or spec.name,
                         spec_hash=spec_hash, interrupted=interrupted,
-                        latency_model={"sparq": d.sparq_term.describe()} if d.sparq_term.declared else {},
+                        latency_model=({"sparq": d.sparq_term.describe()} if d.sparq_term.declared else {})
+                        | ({"prior": d.prior_info} if d.prior_info else {}),
                         choices=choices)

@@ -43,6 +43,13 @@ class OrtLatency:
 
         self.target_key = f"onnxruntime-{onnxruntime.__version__}-cpu-t{threads}"
 
+    def profile(self, qg, runs: int = 20) -> list[dict]:
+        """Per-node time of ``qg``'s QDQ model from onnxruntime's profiler (same threads and inputs as a
+        measurement): the rows of :func:`hago.runtime.ort.profile_nodes`. Used for the latency model's prior."""
+        from ..runtime import ort as rt
+
+        return rt.profile_nodes(qg.to_qdq(), self.inputs, threads=self.threads, runs=runs)
+
     def __call__(self, qg) -> float:
         from ..runtime import ort as rt
 
@@ -134,6 +141,235 @@ def _macs(node, out_shape) -> tuple[str, float]:
     return "other", float(np.prod(out)) if out else 0.0
 
 
+def _elems(v) -> float:
+    dims = [d if isinstance(d, int) else 1 for d in (v.shape or [])] if v is not None else []
+    return float(np.prod(dims)) if dims else 1.0
+
+
+class Regions:
+    """Which nodes a config really runs in integer, by partition's own rule and without cloning the graph.
+
+    A node is integer when it is integer in the all-integer partition, the config does not keep it float, and it
+    reads an integer producer's output (or cannot run in float at all): a float leader thus takes its float-capable
+    followers (Relu, Reshape, Transpose, ...) to float with it, which ``cfg.float_nodes`` alone does not say.
+    ``leader[n]``: the fusion leader of a fused follower (partition's ``FUSED_KEY``)."""
+
+    def __init__(self, graph: Graph, spec):
+        from ..passes.partition import FUSED_KEY, partition
+
+        g = graph.clone()
+        partition(g, spec)
+        self.order = [n.name for n in g.nodes()]
+        self.int_ok = {n.name for n in g.nodes() if g.region(n) == "int"}
+        self.can_float, self.producers, self.leader = {}, {}, {}
+        self.edges = []  # (producer or None for a graph input, consumer or None for a graph output, elements)
+        for n in g.nodes():
+            op = spec.op(n.op_type) if n.domain in ("", "ai.onnx") else None
+            self.can_float[n.name] = bool(op is not None and op.float_signatures)
+            prods = []
+            for v in n.inputs:
+                if v is None or v.const_value is not None:
+                    continue
+                p = v.producer()
+                if p is None and not v.is_graph_input():
+                    continue
+                prods.append(p.name if p is not None else None)
+                self.edges.append((p.name if p is not None else None, n.name, _elems(v)))
+            self.producers[n.name] = [p for p in prods if p is not None]
+            for v in n.outputs:
+                if v.is_graph_output():
+                    self.edges.append((n.name, None, _elems(v)))
+            if n.meta.get(FUSED_KEY) and n.inputs and n.inputs[0] is not None and n.inputs[0].producer() is not None:
+                p = n.inputs[0].producer().name
+                self.leader[n.name] = self.leader.get(p, p)
+
+    def __call__(self, float_nodes) -> dict[str, bool]:
+        is_int: dict[str, bool] = {}
+        for n in self.order:
+            is_int[n] = (n in self.int_ok and n not in float_nodes
+                         and (any(is_int.get(p, False) for p in self.producers[n]) or not self.can_float[n]))
+        return is_int
+
+    def boundaries(self, is_int: dict[str, bool]) -> tuple[int, float]:
+        """(count, elements) of activation edges between an integer and a float node (a Q or DQ at run time)."""
+        k, el = 0, 0.0
+        for p, c, e in self.edges:
+            if is_int.get(p, False) != is_int.get(c, False):
+                k += 1
+                el += e
+        return k, el
+
+
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+
+
+def _profile_owner(raw: str, nodes: dict, produced: dict) -> str | None:
+    """The graph node an onnxruntime profile row belongs to: onnxruntime keeps a node's name (``n12``), adds
+    ``_token_<k>`` to nodes its optimizers rewrite (QLinearConv), and names NCHWc nodes after their output value
+    (``r2_nchwc``: the Conv+Relu ending at value ``r2``); layout nodes it inserts (``ReorderInput``,
+    ``Transpose_token_7``) belong to no graph node."""
+    import re
+
+    name = re.sub(r"(_token_\d+)+$", "", raw)
+    for suf in ("_nchwc", "__Q", "__DQ"):
+        if name.endswith(suf):
+            name = name[: -len(suf)]
+    if name in nodes:
+        return name
+    return produced.get(name)
+
+
+class ProfilePrior:
+    """A latency prior composed from per-node profiles of the target (onnxruntime's profiler).
+
+    Profiled configs: all-float, all-integer, and six depth patterns (:meth:`patterns`), so that each node group is
+    timed inside a run of its own precision and next to the other one: a float MaxPool whose consumer is integer
+    gets onnxruntime's Q moved above it and runs on uint8 in NCHW, about 20x slower than in the all-float model,
+    which the two extremes alone cannot show. ``prior(cfg) = sum over node groups of time[group, own precision,
+    producer's precision, any consumer integer] (falling back to fewer neighbours where that combination was not
+    profiled) + Q/DQ cost per element x elements crossing int/float boundaries +
+    unattributed time`` (layout nodes the runtime inserts: interpolated between the extremes by the integer share,
+    plus a per-boundary-element excess learned from the mixed profiles). Groups are fusion groups (a follower's time
+    goes to its leader, as onnxruntime fuses them too). The learned model corrects the residual."""
+
+    def __init__(self, graph: Graph, regions: Regions, profiles: list[tuple[frozenset, list[dict]]]):
+        """``profiles``: ``(float_nodes of the profiled config, profile rows)``; the first two must be the
+        all-float and the all-integer config."""
+        import re
+
+        self.regions = regions
+        nodes = {n.name for n in graph.nodes()}
+        produced = {v.name: n.name for n in graph.nodes() for v in n.outputs}
+        values = {}
+        for n in graph.nodes():
+            for v in list(n.inputs) + list(n.outputs):
+                if v is not None:
+                    values[v.name] = v
+        # the producer group of each group (its main input's) and its consumer groups
+        self.prod, self.cons = {}, {}
+        for n in graph.nodes():
+            x = n.inputs[0] if n.inputs else None
+            p = x.producer() if x is not None else None
+            self.prod[n.name] = regions.leader.get(p.name, p.name) if p is not None else None
+            me = regions.leader.get(n.name, n.name)
+            for v in n.outputs:
+                for u in v.uses():
+                    c = regions.leader.get(u.node.name, u.node.name)
+                    if c != me:
+                        self.cons.setdefault(me, set()).add(c)
+        samples: dict[tuple, list[float]] = {}
+        q_ms = q_el = 0.0
+        self.u = []  # (integer share, boundary elements, unattributed ms) per profile
+        for float_nodes, rows in profiles:
+            is_int = regions(float_nodes)
+            per: dict[str, float] = {}
+            un = 0.0
+            for r in rows:
+                ms = float(r["ms"])
+                if r.get("op") in _QDQ_OPS:  # a boundary: priced per element
+                    v = values.get(re.sub(r"(_token_\d+)+$", "", r["node"]).rsplit("__", 1)[0].removesuffix("_q")
+                                   .removesuffix("_dq"))
+                    if v is not None:
+                        q_ms, q_el = q_ms + ms, q_el + _elems(v)
+                        continue
+                o = _profile_owner(r["node"], nodes, produced)
+                if o is None:
+                    un += ms
+                    continue
+                o = regions.leader.get(o, o)
+                per[o] = per.get(o, 0.0) + ms
+            for g, ms in per.items():
+                samples.setdefault(self._key(g, is_int), []).append(ms)
+            self.u.append((is_int, un))
+        self.time = {k: float(np.mean(v)) for k, v in samples.items()}
+        own: dict[tuple, list[float]] = {}
+        prod: dict[tuple, list[float]] = {}
+        for (g, i, pi, _), t in self.time.items():
+            own.setdefault((g, i), []).append(t)
+            prod.setdefault((g, i, pi), []).append(t)
+        self.own = {k: float(np.mean(v)) for k, v in own.items()}
+        self.own_prod = {k: float(np.mean(v)) for k, v in prod.items()}
+        self.groups = sorted({k[0] for k in self.time})
+        self.q_per_elem = q_ms / q_el if q_el > 0 else 0.0
+        self.u_float = self.u[0][1] if self.u else 0.0
+        self.u_int = self.u[1][1] if len(self.u) > 1 else self.u_float
+        ex, el = [], []
+        for is_int, un in self.u[2:]:
+            ex.append(un - self._interp(is_int))
+            el.append(regions.boundaries(is_int)[1])
+        self.layout_per_elem = max(sum(ex) / sum(el), 0.0) if el and sum(el) > 0 else 0.0
+
+    def _key(self, g: str, is_int: dict) -> tuple:
+        """A group's time depends on its own precision and its neighbours' (onnxruntime's layout choices: NCHWc
+        only inside float runs; Q moved above a float MaxPool whose consumer is integer, which then runs on uint8)."""
+        return (g, is_int.get(g, False), is_int.get(self.prod.get(g), False),
+                any(is_int.get(c, False) for c in self.cons.get(g, ())))
+
+    def _time(self, g: str, is_int: dict) -> float:
+        k = self._key(g, is_int)
+        t = self.time.get(k)
+        if t is None:
+            t = self.own_prod.get(k[:3])
+        if t is None:
+            t = self.own.get(k[:2], 0.0)
+        return t
+
+    def _share(self, is_int) -> float:
+        w_int = w_all = 0.0
+        for g in self.groups:
+            ti = self.own.get((g, True), 0.0)
+            w_all += ti
+            if is_int.get(g, False):
+                w_int += ti
+        return w_int / w_all if w_all > 0 else 0.0
+
+    def _interp(self, is_int) -> float:
+        s = self._share(is_int)
+        return s * self.u_int + (1.0 - s) * self.u_float
+
+    def parts(self, is_int: dict[str, bool]) -> tuple[float, float, float, float]:
+        """(float-group ms, integer-group ms, boundary ms, unattributed ms) of a config's regions."""
+        fl = it = 0.0
+        for g in self.groups:
+            i = is_int.get(g, False)
+            t = self._time(g, is_int)
+            if i:
+                it += t
+            else:
+                fl += t
+        _, el = self.regions.boundaries(is_int)
+        return fl, it, (self.q_per_elem + self.layout_per_elem) * el, self._interp(is_int)
+
+    def __call__(self, is_int: dict[str, bool]) -> float:
+        return float(sum(self.parts(is_int)))
+
+    @staticmethod
+    def patterns(graph: Graph, space: SearchSpace) -> list[frozenset]:
+        """Float-node sets by depth (longest path over candidate nodes from the inputs): even / odd depth
+        (checkerboards: every node next to the other precision) and runs of two (depth mod 4 in {k, k+1}: a node
+        with a float producer and an integer consumer, and the reverse), so that each group is profiled with each
+        combination of its own, its producer's and its consumers' precision in a chain."""
+        cand = set(space.nodes)
+        depth: dict[str, int] = {}
+        for n in graph.nodes():
+            ps = [v.producer() for v in n.inputs if v is not None and v.producer() is not None]
+            d = max((depth.get(p.name, 0) for p in ps), default=0)
+            depth[n.name] = d + (1 if n.name in cand else 0)
+        out = [frozenset(n for n in space.nodes if depth[n] % 2 == r) for r in (0, 1)]
+        out += [frozenset(n for n in space.nodes if depth[n] % 4 in (k, (k + 1) % 4)) for k in range(4)]
+        return out
+
+    @staticmethod
+    def measure(graph: Graph, space: SearchSpace, build, profile, method: str = "mse",
+                regions: "Regions | None" = None, runs: int = 20) -> "ProfilePrior":
+        """Profile the all-float, all-integer and the six :meth:`patterns` configs (8 profiled configs):
+        ``build(cfg) -> QuantizedGraph``, ``profile(qg, runs) -> rows`` (e.g. :meth:`OrtLatency.profile`)."""
+        regions = regions or Regions(graph, space.spec)
+        fls = [frozenset(space.nodes), frozenset()] + ProfilePrior.patterns(graph, space)
+        profs = [(fl, profile(build(Config.make({}, fl, method, space)), runs)) for fl in fls]
+        return ProfilePrior(graph, regions, profs)
+
+
 class FeatureMap:
     """Config -> feature vector (fixed layout for a given graph and space)."""
 
@@ -162,7 +398,15 @@ class FeatureMap:
             shape = nodes[name].outputs[0].shape if nodes[name].outputs else None
             dims = [d if isinstance(d, int) else 1 for d in (shape or [])]
             self.out_elems[name] = float(np.prod(dims)) if dims else 1.0
-        self.dim = len(self.names) + 2 * len(_CLASSES) + 4 + 5 + 1
+        self.regions = Regions(graph, space.spec)
+        self.prior: ProfilePrior | None = None  # set_prior: the profile-composed prior (onnxruntime measurers)
+        self.base_dim = len(self.names) + 2 * len(_CLASSES) + 4 + 5 + 1
+        # appended: boundaries of the real regions (count, elements), and the prior (total, float part, int part)
+        self.prior_index = self.base_dim + 2
+        self.dim = self.base_dim + 5
+
+    def set_prior(self, prior: "ProfilePrior | None") -> None:
+        self.prior = prior
 
     def __call__(self, cfg: Config) -> np.ndarray:
         fl = cfg.float_nodes
@@ -191,6 +435,13 @@ class FeatureMap:
         f[k + 7] = len(cfg.per_tensor)
         f[k + 8] = sum(self.macs.get(n, 0.0) for n, _ in cfg.signatures if n not in fl) / 1e6
         f[k + 9] = sum(self.out_elems[n] for n in self.names if n not in fl) / 1e4  # activations written in int8
+        is_int = self.regions(fl)
+        nb, el = self.regions.boundaries(is_int)
+        d = self.base_dim
+        f[d], f[d + 1] = nb, el / 1e3
+        if self.prior is not None:  # 0 without one (TVM latency): a constant column, the model works as before
+            pf, pi, pq, pu = self.prior.parts(is_int)
+            f[d + 2], f[d + 3], f[d + 4] = pf + pi + pq + pu, pf, pi
         return f
 
 
@@ -274,7 +525,10 @@ class LatencyModel:
         X = np.asarray(X, dtype=np.float64)
         return np.hstack([X, np.ones((len(X), 1))])
 
-    def fit(self, X: np.ndarray, y_ms: np.ndarray) -> "LatencyModel":
+    def fit(self, X: np.ndarray, y_ms: np.ndarray, prior_col: int | None = None) -> "LatencyModel":
+        """``prior_col``: the column of a latency prior (:class:`ProfilePrior`); when it varies over the
+        measurements, it and the intercept are left unpenalized (latency ~ a * prior + b) and the ridge only
+        corrects the prior's residual, with strengths up to shutting the correction off."""
         import xgboost as xgb
 
         A = self._design(X)
@@ -289,7 +543,14 @@ class LatencyModel:
         # the additive MAC terms
         best = None
         eye = np.eye(An.shape[1])
-        for lam in (self.ridge, 1e-2, 1e-1, 1.0, 10.0):
+        lams = (self.ridge, 1e-2, 1e-1, 1.0, 10.0)
+        self.prior_col = None
+        if prior_col is not None and len(y) >= 3 and np.std(A[:, prior_col]) > 1e-9:
+            self.prior_col = prior_col
+            eye[prior_col, prior_col] = 0.0
+            eye[-1, -1] = 0.0
+            lams = lams + (100.0, 1e4)
+        for lam in lams:
             inv = np.linalg.solve(An.T @ An + lam * len(y) * eye, An.T)
             coef = inv @ y
             h = np.einsum("ij,ji->i", An, inv)
@@ -302,7 +563,10 @@ class LatencyModel:
         resid = np.log(y) - np.log(base)
         self.n = len(y)
         self.model = None
-        if self.n >= self.min_tree_samples:  # trees on the residuals only once there is data for them
+        # trees on the residuals only once there is data for them; with a profile prior the residual is small and
+        # trees fit on a few dozen points added noise (held-out rank correlation fell on squeezenet and shufflenet)
+        min_trees = self.min_tree_samples if self.prior_col is None else max(self.min_tree_samples, 100)
+        if self.n >= min_trees:
             self.model = xgb.XGBRegressor(n_estimators=120, max_depth=3, learning_rate=0.05, subsample=1.0,
                                           random_state=self.seed, n_jobs=1, verbosity=0)
             self.model.fit(np.asarray(X), resid)
