@@ -42,7 +42,7 @@ def profile_artifact(art, feeds, top: int, runs: int = 5):
 
     rows = profile(art, feeds, runs=runs)
     total = sum(r["ms"] for r in rows) or 1.0
-    return [(r["kernel"], r["ms"], r["ms"] / total) for r in rows[:top]], total
+    return [(r["kernel"], r["ms"], r["ms"] / total, r["calls"], r["shapes"]) for r in rows[:top]], total
 
 
 def main(argv=None) -> int:
@@ -119,10 +119,13 @@ def main(argv=None) -> int:
         if args.profile:
             try:
                 top, total = profile_artifact(art_q, feeds, args.profile)
-                row["profile"] = [{"kernel": k, "ms": ms, "share": s} for k, ms, s in top]
-                print(f"  profile of hago int8 (sum of kernels {total:.2f} ms):")
-                for k, ms, s in top:
-                    print(f"    {ms:8.3f} ms {s * 100:5.1f}%  {k}")
+                row["profile"] = [{"kernel": k, "ms": ms, "share": s, "calls": c, "shapes": sh}
+                                  for k, ms, s, c, sh in top]
+                print(f"  profile of hago int8 (sum of kernels {total:.2f} ms; calls, then the first call's "
+                      f"data/weight and output shapes):")
+                for k, ms, s, c, sh in top:
+                    brief = [sh[0], sh[1], sh[-1]] if len(sh) >= 3 else sh
+                    print(f"    {ms:8.3f} ms {s * 100:5.1f}%  x{c} {k[:48]} {' '.join(str(list(b)) for b in brief)}")
             except Exception as e:  # noqa: BLE001 - the profile is a diagnostic
                 print(f"  (profile unavailable: {type(e).__name__}: {e})")
         del art_q

@@ -104,6 +104,8 @@ def test_profile_kernels_of_an_artifact(tmp_path):
     rows = profile(art, None, runs=3)
     assert rows and all(r["ms"] >= 0 and r["calls"] >= 1 for r in rows)
     assert rows == sorted(rows, key=lambda r: -r["ms"])
+    add = [r for r in rows if "add" in r["kernel"]]
+    assert add and add[0]["shapes"][0] == (4, 8) and add[0]["shapes"][-1] == (4, 8)  # which layer it is
 
 
 def test_profile_nodes_of_onnxruntime():

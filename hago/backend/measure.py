@@ -191,7 +191,8 @@ def measure_onnxruntime(model, inputs=None, threads: int = 1, repeat: int = 30, 
 def profile(artifact, inputs=None, *, runs: int = 5, threads: int | None = None) -> list[dict]:
     """Where the time goes in a compiled artifact: wall time of every kernel call of the Relax VM (timed by a VM
     instrument around each call instruction), summed per kernel and averaged over ``runs`` runs after a warm-up.
-    Rows ``{"kernel", "ms", "calls"}`` sorted by time. Local artifacts only."""
+    Rows ``{"kernel", "ms", "calls", "shapes"}`` (shapes: the tensor arguments of the first call, inputs then
+    outputs) sorted by time. Local artifacts only."""
     ok, why = artifact.runnable()
     if not ok:
         raise DeviceError(f"profile: artifact for {artifact.target_str} cannot run here ({why})")
@@ -213,14 +214,16 @@ def profile(artifact, inputs=None, *, runs: int = 5, threads: int | None = None)
             t0[0] = time.perf_counter()
         else:
             dev.sync()
-            row = per.setdefault(str(name), [0.0, 0])
+            row = per.setdefault(str(name), [0.0, 0, None])
             row[0] += time.perf_counter() - t0[0]
             row[1] += 1
+            if row[2] is None:  # the first call's tensor shapes: which layer this kernel is
+                row[2] = [tuple(int(d) for d in x.shape) for x in a if hasattr(x, "shape")]
         return 0
 
     vm.set_instrument(instrument)
     for _ in range(max(1, runs)):
         vm["main"](*args)
     n = max(1, runs)
-    rows = [{"kernel": k, "ms": v[0] * 1e3 / n, "calls": v[1] // n} for k, v in per.items()]
+    rows = [{"kernel": k, "ms": v[0] * 1e3 / n, "calls": v[1] // n, "shapes": v[2] or []} for k, v in per.items()]
     return sorted(rows, key=lambda r: -r["ms"])
