@@ -327,11 +327,11 @@ def conv2d_nchwc_int8_te(data, kernel, strides, padding, dilation, out_dtype="in
 def pick_register_block(ow: int) -> tuple[int, int]:
     """Output pixels per register block of the hand-written conv schedule and the extra output columns needed so
     that it divides the width: ``(regn, extra)``. Two int32 accumulators (ymm) per pixel, so at most 7 pixels fit
-    beside the weights and the broadcast activation in AVX2's 16 registers."""
-    for r in (4, 7, 6, 5):
-        if ow % r == 0:
-            return r, 0
-    return 4, (-ow) % 4
+    beside the weights and the broadcast activation in AVX2's 16 registers. The block wasting the fewest padded
+    columns wins, ties in the order 4, 7, 6, 5 (4 measured fastest where it divides; SqueezeNet's 13-wide 1000-class
+    conv runs 1.25x faster with 7, which computes 14 columns instead of 16)."""
+    best = min((4, 7, 6, 5), key=lambda r: (-ow) % r)  # min keeps the first of equal waste
+    return best, (-ow) % best
 
 
 def conv2d_nchw_packed_int8_te(data, kernel, strides, padding, dilation, ib: int, out_dtype="int32",
