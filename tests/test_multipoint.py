@@ -165,3 +165,33 @@ def test_invalid_arguments():
         multipoint(np.array([[np.nan, 1.0]]), 4, 1)
     with pytest.raises(SpecError):
         multipoint(w, 4, 2).truncate(3)
+
+
+def test_allocate_points_global_scales_and_costs():
+    from hago.algorithms.multipoint import allocate_points_global
+
+    # layer A has large raw errors but a large output energy; layer B small raw errors
+    ea = np.array([[100.0, 60.0, 50.0]])
+    eb = np.array([[1.0, 0.5, 0.45]])
+    # one extra point fits (average 1.5 over 2 channels of equal cost)
+    raw = allocate_points_global([ea, eb], 1.5, [1.0, 1.0])
+    assert [n.tolist() for n in raw] == [[2], [1]]  # raw gain 40 > 0.5
+    scaled = allocate_points_global([ea, eb], 1.5, [1.0, 1.0], scales=[0.01, 1.0])
+    assert [n.tolist() for n in scaled] == [[1], [2]]  # normalized gain 0.4 < 0.5
+    # costs are MACs: a point of B costing 4x does not fit a budget of one cheap point
+    costly = allocate_points_global([ea, eb], 1.2, [1.0, 4.0], scales=[0.01, 1.0])
+    assert [n.tolist() for n in costly] == [[2], [1]]
+    # the same as allocate_points on the concatenated, scaled tables
+    rng = np.random.default_rng(7)
+    tabs = [np.sort(rng.uniform(0, 10, size=(c, 3)), axis=1)[:, ::-1] for c in (5, 9, 3)]
+    costs = [9.0, 2.0, np.array([1.0, 2.0, 3.0])]
+    scales = [0.5, 2.0, 1.0]
+    got = allocate_points_global(tabs, 1.7, costs, scales)
+    cat_cost = np.concatenate([np.broadcast_to(np.asarray(c, float), (t.shape[0],)) for t, c in zip(tabs, costs)])
+    ref = allocate_points(np.concatenate([t * s for t, s in zip(tabs, scales)]), 1.7, cat_cost)
+    np.testing.assert_array_equal(np.concatenate(got), ref)
+    assert float(np.sum(np.concatenate(got) * cat_cost)) <= 1.7 * cat_cost.sum() + 1e-9
+    with pytest.raises(SpecError):
+        allocate_points_global([ea, np.ones((2, 2))], 1.5, [1.0, 1.0])
+    with pytest.raises(SpecError):
+        allocate_points_global([ea, eb], 1.5, [1.0, 1.0], scales=[1.0, -1.0])

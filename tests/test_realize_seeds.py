@@ -370,6 +370,20 @@ def test_multipoint_conv_net_integer_terms():
     assert np.array_equal(np.argmax(ours[out], 1), np.argmax(ref[out], 1))
 
 
+def test_multipoint_global_allocation_integer_terms():
+    """Network-wide (MAC-budget, sensitivity-weighted) allocation: channels with 1..3 points realize exactly too."""
+    data = calib([4, 3, 16, 16], n=2)
+    res, model = _multipoint_qdq(conv_bn_net(), data, 4, bits=3, budget_avg=2.0, max_points=3,
+                                 allocation="global", weighting="sensitivity")
+    npts = np.concatenate([mp.n_points for mp in res.values()])
+    assert npts.max() == 3 and len({mp.n for mp in res.values()}) > 1
+    ours, ref = _check_multipoint(res, model, calib([4, 3, 16, 16], n=1, seed=5)[0])
+    for q in q_outputs(model):
+        assert steps(ref[q], ours[q]) <= 1, q
+    out = model.graph.output[0].name
+    assert np.array_equal(np.argmax(ours[out], 1), np.argmax(ref[out], 1))
+
+
 @pytest.mark.parametrize("name", ["mnist_cnn", pytest.param("mnist_resnet", marks=pytest.mark.slow),
                                   pytest.param("mnist_plain", marks=pytest.mark.slow),
                                   pytest.param("mnist_mobilenetv2", marks=pytest.mark.slow)])

@@ -32,6 +32,16 @@ the effect of mixed precision with one low-bit operand type: a layer with
 rescaled outputs are summed (:meth:`MultiPoint.as_split_weights`), or one
 layer with ``n`` times the output channels followed by a weighted sum
 (:meth:`MultiPoint.as_stacked_weight`).
+
+Network-wide allocation (:func:`allocate_points_global`, an option of the graph
+pass): the same greedy rule over the channels of *all* layers at once, a point
+of a channel costing that channel's MACs, the per-channel output errors of
+each layer multiplied by a layer weight that makes layers comparable (1 / the
+layer's output energy, optionally times a measured sensitivity of the network
+output to that layer). The paper's abstract says only that the number of
+points of each weight vector is decided "based on the error of its output";
+whether its budget is per layer or network-wide could not be read here, so
+both are offered.
 """
 from __future__ import annotations
 
@@ -49,6 +59,7 @@ __all__ = [
     "multipoint_output_errors",
     "allocate_points",
     "multipoint_adaptive",
+    "allocate_points_global",
 ]
 
 
@@ -335,3 +346,39 @@ def multipoint_adaptive(w, x_calib, bits: int = 4, budget_avg: float = 1.5, max_
     mp = multipoint(w, bits, max_points, axis, **kwargs)
     errs = multipoint_output_errors(mp, w, x_calib)
     return mp.truncate(allocate_points(errs, budget_avg, cost))
+
+
+def allocate_points_global(errors, budget_avg: float, costs, scales=None) -> list:
+    """One greedy allocation over the channels of several layers.
+
+    Args:
+        errors: list of ``[C_l, N]`` per-layer error tables (as for :func:`allocate_points`).
+        budget_avg: cost-weighted average number of points over all channels of all layers.
+        costs: list of ``[C_l]`` (or scalars) cost of one point of each channel, e.g. its MACs.
+        scales: optional list of per-layer factors applied to that layer's errors
+            (e.g. 1 / output energy, times a sensitivity); default 1.
+
+    Returns a list of int ``[C_l]`` points per channel, one per layer. The
+    constraint is ``sum_l sum_c cost * n <= budget_avg * sum_l sum_c cost``.
+    """
+    errors = [np.asarray(e, dtype=np.float64) for e in errors]
+    if not errors:
+        return []
+    widths = {e.shape[1] if e.ndim == 2 else -1 for e in errors}
+    if len(widths) != 1 or -1 in widths:
+        raise SpecError("every layer's errors must be [channels, max_points] with the same max_points",
+                        path="multipoint.errors")
+    if len(costs) != len(errors) or (scales is not None and len(scales) != len(errors)):
+        raise SpecError("errors, costs and scales need one entry per layer", path="multipoint.costs")
+    sc = [1.0] * len(errors) if scales is None else [float(x) for x in scales]
+    if any(not np.isfinite(x) or x < 0 for x in sc):
+        raise SpecError(f"layer scales must be finite and >= 0, got {sc}", path="multipoint.scales")
+    e_all = np.concatenate([e * x for e, x in zip(errors, sc)], axis=0)
+    c_all = np.concatenate([np.broadcast_to(np.asarray(c, dtype=np.float64), (e.shape[0],))
+                            for e, c in zip(errors, costs)])
+    n_all = allocate_points(e_all, budget_avg, c_all)
+    out, start = [], 0
+    for e in errors:
+        out.append(n_all[start:start + e.shape[0]].copy())
+        start += e.shape[0]
+    return out
