@@ -190,13 +190,15 @@ def main():
     ap.add_argument("--no-prior", action="store_true", help="--spearman without the profile prior")
     ap.add_argument("--compare-strategies", action="store_true")
     ap.add_argument("--seeds", type=int, default=3, help="searches per strategy for --compare-strategies")
+    ap.add_argument("--skip-table", action="store_true", help="skip the per-model table (searched vs FP32 vs INT8)")
     ap.add_argument("--calib", type=int, default=8)
     ap.add_argument("--eval", type=int, default=32)
     a = ap.parse_args()
     print(f"machine: {machine()}; threads {a.threads}; measure {a.measure}; budget {a.budget} measured trials\n")
     ortl = OrtLatency(threads=a.threads, repeat=30, warmup=5)
     rows = []
-    for name in (a.models.split(",") if a.budget > 0 else []):  # --budget 0: only --spearman / --compare-strategies
+    # --budget 0 or --skip-table: only --spearman / --compare-strategies
+    for name in (a.models.split(",") if a.budget > 0 and not a.skip_table else []):
         g, calib, ev, metric, metric_name = get_task(name, a.calib, a.eval)
         with tempfile.TemporaryDirectory() as d:
             m_ort8 = ort_int8(g.to_onnx(), calib, d)

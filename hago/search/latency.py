@@ -1,10 +1,13 @@
 """Latency: measured on the target (TVM-compiled, local or over RPC; or onnxruntime), and an xgboost model of it.
 
-Measuring every candidate is too slow, so the search fits an xgboost model of
+Measuring every candidate is too slow, so the search fits a model of
 whole-model latency from per-config features (integer and float MACs per op
-class, per-node precision, bytes crossing int/float boundaries) on the
-measurements made so far, asks it about many candidates, and measures only
-the most promising ones (active learning). Measurements are kept in a JSON-lines
+class, per-node precision, bytes crossing int/float boundaries of the regions
+the config really gets) on the measurements made so far, asks it about many
+candidates, and measures only the most promising ones (active learning).
+Where the measurer can profile per node (onnxruntime), a profile-composed
+prior (:class:`ProfilePrior`: per-node times of 8 profiled configs, summed per
+config) is one of the features and the model corrects its residual. Measurements are kept in a JSON-lines
 database per target and model so a later search starts warm.
 
 SPARQ has no kernel here: where a spec declares SPARQ and the measurer has no
@@ -43,11 +46,15 @@ class OrtLatency:
 
         self.target_key = f"onnxruntime-{onnxruntime.__version__}-cpu-t{threads}"
 
-    def profile(self, qg, runs: int = 20) -> list[dict]:
+    def profile(self, qg, runs: int = 20, min_seconds: float = 1.0) -> list[dict]:
         """Per-node time of ``qg``'s QDQ model from onnxruntime's profiler (same threads and inputs as a
-        measurement): the rows of :func:`hago.runtime.ort.profile_nodes`. Used for the latency model's prior."""
+        measurement): the rows of :func:`hago.runtime.ort.profile_nodes`. Used for the latency model's prior.
+        At least ``runs`` profiled runs and about ``min_seconds`` of them (a first measurement sizes it), so a
+        small model is not profiled on a handful of noisy runs."""
         from ..runtime import ort as rt
 
+        one = self(qg)
+        runs = int(min(max(runs, np.ceil(min_seconds * 1e3 / max(one, 1e-3))), 200))  # the profiler is slow per run
         return rt.profile_nodes(qg.to_qdq(), self.inputs, threads=self.threads, runs=runs)
 
     def __call__(self, qg) -> float:
@@ -513,7 +520,8 @@ class SparqLatencyTerm:
 class LatencyModel:
     """Latency model: a ridge regression of latency on the config features (latency is close to additive over
     layers, so this is right with few measurements), plus xgboost trees on its log-residuals (what is not
-    additive: fusion, cache effects, layout changes at int/float borders)."""
+    additive: fusion, cache effects, layout changes at int/float borders). With a profile prior
+    (``fit(..., prior_col=)``) the prior and the intercept are unpenalized and trees wait for 100 measurements."""
 
     def __init__(self, seed: int = 0, ridge: float = 1e-3, min_tree_samples: int = 30):
         self.seed, self.ridge, self.min_tree_samples = seed, ridge, min_tree_samples
