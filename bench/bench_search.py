@@ -191,11 +191,19 @@ def main():
     ap.add_argument("--compare-strategies", action="store_true")
     ap.add_argument("--seeds", type=int, default=3, help="searches per strategy for --compare-strategies")
     ap.add_argument("--skip-table", action="store_true", help="skip the per-model table (searched vs FP32 vs INT8)")
+    ap.add_argument("--tune-trials", type=int, default=16, help="--measure tvm: MetaSchedule trials per new kernel")
+    ap.add_argument("--cache-dir", help="--measure tvm: tuning database (warm it with bench_models.py)")
     ap.add_argument("--calib", type=int, default=8)
     ap.add_argument("--eval", type=int, default=32)
     a = ap.parse_args()
     print(f"machine: {machine()}; threads {a.threads}; measure {a.measure}; budget {a.budget} measured trials\n")
     ortl = OrtLatency(threads=a.threads, repeat=30, warmup=5)
+    tvml = None
+    if a.measure == "tvm":  # the TVM-compiled code on this CPU, same tuning budget and database for every config
+        from hago.search.latency import TvmLatency
+
+        tvml = TvmLatency(hago.load_spec("x86_avx2"), tune_trials=a.tune_trials, cache_dir=a.cache_dir,
+                          threads=a.threads, repeat=30)
     rows = []
     # --budget 0 or --skip-table: only --spearman / --compare-strategies
     for name in (a.models.split(",") if a.budget > 0 and not a.skip_table else []):
@@ -204,7 +212,8 @@ def main():
             m_ort8 = ort_int8(g.to_onnx(), calib, d)
         t0 = time.perf_counter()
         res = hago.search(g, "x86_avx2", calib, ev, metric, max_drop=a.max_drop, strategy="model", budget=a.budget,
-                          measure=a.measure if a.measure != "onnxruntime" else ortl, threads=a.threads, progress=False)
+                          measure=tvml or (a.measure if a.measure != "onnxruntime" else ortl), threads=a.threads,
+                          progress=False)
         t_search = time.perf_counter() - t0
         from hago.search.space import Config
 
@@ -230,6 +239,23 @@ def main():
         if a.measure == "onnxruntime":
             t_best = med["best"]
             a8_lat = med["a8"]
+        elif tvml is not None:
+            # TVM latency: FP32 (the float graph through the same compile and budget), all-INT8 and the searched
+            # model re-timed side by side, interleaved over 3 rounds
+            spec = hago.load_spec("x86_avx2")
+            art_f = hago.compile(g, spec, tune_trials=a.tune_trials, cache_dir=a.cache_dir, threads=a.threads,
+                                 progress=False)
+            tv = {"fp32": [], "a8": [], "best": []}
+            qbest = res.apply(g)
+            for _ in range(3):
+                tv["fp32"].append(hago.measure(art_f, None, repeat=30, threads=a.threads).median_ms)
+                tv["a8"].append(tvml(qg8))
+                tv["best"].append(tvml(qbest))
+            t_best, a8_lat = float(np.median(tv["best"])), float(np.median(tv["a8"]))
+            row_tvm_fp32 = float(np.median(tv["fp32"]))
+            print(f"{name}: TVM latency: FP32 {row_tvm_fp32:.3f} ms, hago all-INT8 {a8_lat:.3f} ms, searched "
+                  f"{t_best:.3f} ms: searched vs TVM FP32 {row_tvm_fp32 / t_best:.2f}x, vs all-INT8 "
+                  f"{a8_lat / t_best:.2f}x", flush=True)
         else:
             t_best = best.latency_ms
         row = dict(model=name, metric=metric_name, fp32_acc=res.fp32_accuracy, ort_fp32=t_fp32, ort_int8=t_ort8,

@@ -442,3 +442,34 @@ def test_open_database_moves_unreplayable_records_aside(tmp_path):
     assert len(db) == n
     assert "no_such_block" in (db_dir / "database_tuning_record.json.bad").read_text()
     assert "no_such_block" not in rec.read_text()
+
+
+def _int8_depthwise_module(c, hw, stride, seed=0):
+    """u8 x s8 depthwise 3x3 conv (int32) + bias -> fp32 requantize -> u8, as hago's realize emits it."""
+    rs = np.random.RandomState(seed)
+    w = rs.randint(-63, 64, size=(c, 1, 3, 3)).astype(np.int8)
+    bias = rs.randint(-500, 500, size=(1, c, 1, 1)).astype(np.int32)
+    scale = (rs.rand(1, c, 1, 1) * 0.02 + 0.005).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, c, hw, hw), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), strides=stride, padding=1, groups=c,
+                                           out_dtype="int32"))
+            y = bb.emit(relax.op.add(y, relax.const(bias)))
+            y = bb.emit(relax.op.multiply(relax.op.astype(y, "float32"), relax.const(scale)))
+            y = bb.emit(relax.op.clip(relax.op.round(y), 0, 255))
+            o = bb.emit_output(relax.op.astype(y, "uint8"))
+        bb.emit_func_output(o)
+    return bb.get()
+
+
+@needs_avx2
+@pytest.mark.parametrize("c,hw,stride", [(16, 14, 1), (24, 15, 2), (8, 56, 2), (32, 7, 1)])
+def test_hand_scheduled_depthwise_conv_is_exact(tmp_path, c, hw, stride):
+    mod = _int8_depthwise_module(c, hw, stride)
+    x = np.random.RandomState(1).randint(0, 256, size=(1, c, hw, hw)).astype(np.uint8)
+    hand = compile(mod, X86, cache_dir=str(tmp_path), progress=False, int8_schedule="manual")
+    plain = compile(mod, X86, cache_dir=str(tmp_path), progress=False, int8_schedule="tune")
+    assert hand.info["hand_scheduled_convs"] == 1 and plain.info["hand_scheduled_convs"] == 0
+    np.testing.assert_array_equal(hand.run({"x": x})[0], plain.run({"x": x})[0])

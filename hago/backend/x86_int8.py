@@ -603,19 +603,112 @@ def schedule_packed_conv(func):
 
 
 def schedule_packed_convs(mod):
-    """Apply :func:`schedule_packed_conv` to every PrimFunc of ``mod`` that holds a packed int8 conv; returns
-    ``(mod, number scheduled)``. A function the schedule does not fit is left for MetaSchedule."""
+    """Apply :func:`schedule_packed_conv` to every PrimFunc of ``mod`` that holds a packed int8 conv, and
+    :func:`schedule_depthwise_conv` to every integer depthwise conv; returns ``(mod, number scheduled)``. A function the schedule does not fit is left for MetaSchedule."""
     import tvm
 
     count = 0
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs and func.attrs.get("tirx.is_scheduled", False)):
             continue
-        try:
-            new = schedule_packed_conv(func)
-        except Exception:  # noqa: BLE001 - an unexpected form: MetaSchedule or the default pipeline takes it
-            new = None
+        new = None
+        for sched in (schedule_packed_conv, schedule_depthwise_conv):
+            try:
+                new = sched(func)
+            except Exception:  # noqa: BLE001 - an unexpected form: MetaSchedule or the default pipeline takes it
+                new = None
+            if new is not None:
+                break
         if new is not None:
             mod[gv] = new
             count += 1
     return mod, count
+
+
+# ---------------------------------------------------------------------------------------------
+# a hand-written schedule for int8 depthwise convolutions (NCHW, one input channel per group)
+
+DW_BLOCK = "group_conv2d_nchw"
+
+
+def _vector_lanes(extent: int) -> int:
+    """Vector width for a loop of ``extent``: 16, 8 or 4 when it divides, the whole loop when it is at most 16
+    (7 or 14 columns of the last stages), else 0 (scalar)."""
+    for v in (16, 8, 4):
+        if extent % v == 0:
+            return v
+    return extent if extent <= 16 else 0
+
+
+def schedule_depthwise_conv(func):
+    """Schedule one fused PrimFunc holding an integer depthwise conv (``pad_temp`` -> ``group_conv2d_nchw`` with
+    one input channel per group -> injective epilogue: bias, requantize, clip, cast):
+
+    * the (batch, channel) planes in parallel; each channel's padded plane is built right before its conv (in
+      cache) instead of padding the whole tensor first;
+    * per output row: the kernel taps ``(ry, rx)`` outside, the output columns inside, vectorized
+      (:func:`_vector_lanes`);
+    * the epilogue runs per output row right after it, vectorized the same way.
+
+    Returns the scheduled PrimFunc (``tirx.is_scheduled``) or None when the function does not have that form (it is
+    then left to MetaSchedule)."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(func)
+    names = _block_names(sch)
+    if DW_BLOCK not in names:
+        return None
+    conv = sch.get_sblock(DW_BLOCK)
+    loops = sch.get_loops(conv)
+    if len(loops) != 7:
+        return None
+    n, c, y, x, rc, ry, rx = loops
+    ext = [int(sch.get(lp).extent) for lp in loops]
+    if ext[4] != 1:  # several input channels per group: not depthwise
+        return None
+    if "int" not in str(sch.get(conv).body.value.ty):  # the integer accumulation, not a float depthwise conv
+        return None
+    for name in names:  # the injective epilogue: inline what can be, keep the blocks that write outputs
+        if name in (DW_BLOCK, "pad_temp"):
+            continue
+        blk = sch.get_sblock(name)
+        if not sch.get_consumers(blk):
+            continue
+        try:
+            sch.compute_inline(blk)
+        except Exception:  # noqa: BLE001
+            pass
+    after = _block_names(sch)
+    after = after[after.index(DW_BLOCK) + 1:]
+    lanes = _vector_lanes(ext[3])
+    plane = sch.fuse(n, c)
+    sch.parallel(plane)
+    if lanes:
+        xo, xi = sch.split(x, [None, lanes])
+        sch.reorder(y, xo, rc, ry, rx, xi)
+    else:
+        xi = None
+        sch.reorder(y, rc, ry, rx, x)
+    if "pad_temp" in names:
+        pad = sch.get_sblock("pad_temp")
+        sch.compute_at(pad, plane)
+        plps = sch.get_loops(pad)
+        pl = _vector_lanes(int(sch.get(plps[-1]).extent))
+        if pl:
+            sch.vectorize(sch.split(plps[-1], [None, pl])[1])
+    if xi is not None:
+        sch.vectorize(xi)
+    sch.decompose_reduction(conv, rc)
+    for name in after:
+        blk = sch.get_sblock(name)
+        try:
+            sch.reverse_compute_at(blk, y)
+            lps = sch.get_loops(blk)
+            el = _vector_lanes(int(sch.get(lps[-1]).extent))
+            if el:
+                sch.vectorize(sch.split(lps[-1], [None, el])[1])
+        except Exception:  # noqa: BLE001
+            lps = sch.get_loops(blk)
+            if len(lps) >= 3:
+                sch.parallel(sch.fuse(*lps[:3]))
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
