@@ -6,8 +6,10 @@ Weights are 8-bit per-channel (x86_avx512_vnni spec). For every activation that
 enters a Conv/Gemm/MatMul and is non-negative (zero point 0, e.g. after ReLU):
 A8 (reference), plain A4 (4-bit uniform, MSE-calibrated at 4 bits: the strongest
 plain baseline), bSPARQ with 5/3/2 window placements, and vSPARQ (5 placements).
-Accuracy is on the 1,000 held-out MNIST digits (the QDQ model with bit-exact
-trimming runs on onnxruntime). Also the fraction of activation pairs that take
+Each cell is "top-1 / logit SNR": top-1 on the 1,000 held-out MNIST digits (the QDQ model with bit-exact
+trimming runs on onnxruntime) and the SNR in dB of its logits against fp32 on the same digits,
+``10 log10(sum y^2 / sum (y_q - y)^2)`` (accuracy moves in steps of one digit; the SNR shows the activation
+error each representation leaves). Also the fraction of activation pairs that take
 vSPARQ's 8-bit path on the real calibration activations.
 
 The paper (Shomron et al., NeurIPS 2021, arXiv 2105.11010): its tables could not be read from this machine;
@@ -42,6 +44,7 @@ def main():
     a = ap.parse_args()
     xtr, _ = datasets.mnist("train")
     xte, yte = datasets.mnist("test")
+    print("(cells: top-1 % / logit SNR dB vs fp32)")
     print("| model | fp32 | W8A8 | W8 plain A4 | bSPARQ opt5 | bSPARQ opt3 | bSPARQ opt2 | vSPARQ opt5 | 8-bit-path pairs |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in a.models.split(","):
@@ -52,15 +55,29 @@ def main():
         from hago.pipeline import evaluate, float_runner
 
         fp32 = evaluate(float_runner(g), test)
+
+        def logits(model):
+            sess = rt.session(model, optimize="basic")
+            return np.concatenate([sess.run(None, {inp: b[inp]})[0] for b in test], axis=0).astype(np.float64)
+
+        ref = logits(g.to_onnx())
+        snr = {}
+
+        def snr_of(qg):
+            y = logits(qg.to_qdq())
+            return float(10 * np.log10(np.sum(ref * ref) / max(float(np.sum((y - ref) ** 2)), 1e-30)))
+
         spec = "x86_avx512_vnni"
         base = hago.quantize(g, spec, calib, method="auto", sparq=None)
         res = {"W8A8": base.evaluate(test)}
+        snr["W8A8"] = snr_of(base)
         sparq_edges = [v.name for v, ann in base.graph.annotated()
                        if ann.kind == "activation" and int(ann.zero_point) == 0
                        and any(u.node.op_type in ("Conv", "Gemm", "MatMul") for u in v.uses())]
         a4 = hago.quantize(g, spec, calib, method="mse", sparq=None,
                            overrides={e: {"bits": 4} for e in sparq_edges})
         res["A4"] = a4.evaluate(test)
+        snr["A4"] = snr_of(a4)
         for label, mode, pl in (("b5", "bsparq", 5), ("b3", "bsparq", 3), ("b2", "bsparq", 2), ("v5", "vsparq", 5)):
             qg = hago.quantize(g, spec, calib, method="auto", sparq=mode)
             for _, ann in qg.graph.annotated():
@@ -68,13 +85,19 @@ def main():
                     ann.sparq["placements"] = pl
             qg.invalidate()
             res[label] = qg.evaluate(test)
+            snr[label] = snr_of(qg)
         # fraction of channel pairs with a zero on the real calibration activations
         model = base.to_qdq()
-        qn = [e + "__q" for e in sparq_edges if e != inp]
+        # the quantized codes of each SPARQ edge: its QuantizeLinear output, or, where the QDQ export folded a Relu
+        # into the quantizer of the Relu's input (zero point 0: the same codes), that quantizer's output
+        relu_in = {n.output[0]: n.input[0] for n in g.to_onnx().graph.node if n.op_type == "Relu"}
+        q_out = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+        qn = [q_out.get(e) or q_out.get(relu_in.get(e, "")) for e in sparq_edges if e != inp]
+        qn = [q for q in qn if q]
         outs = rt.session(rt.with_outputs(model, qn), optimize="basic").run(qn, calib[0]) if qn else []
         fr = [vsparq(o, pair_axis=1)[1]["frac_8bit_pairs"] for o in outs if o.ndim >= 2]
-        print(f"| {name} | {fp32 * 100:.2f} | {res['W8A8'] * 100:.2f} | {res['A4'] * 100:.2f} | {res['b5'] * 100:.2f} | "
-              f"{res['b3'] * 100:.2f} | {res['b2'] * 100:.2f} | {res['v5'] * 100:.2f} | {np.mean(fr) * 100:.1f}% |", flush=True)
+        cells = " | ".join(f"{res[k] * 100:.2f} / {snr[k]:.1f}" for k in ("W8A8", "A4", "b5", "b3", "b2", "v5"))
+        print(f"| {name} | {fp32 * 100:.2f} | {cells} | {np.mean(fr) * 100:.1f}% |", flush=True)
 
 
 if __name__ == "__main__":
