@@ -196,10 +196,30 @@ def test_bias_correction_exact_matches_the_reference_formula():
         np.testing.assert_allclose(out[v.name + "__pq"].mean(axis=axes), w.mean(axis=axes), atol=1e-6)
 
 
+def _check_fold_restores_and_matches(qg, r, x, y, originals: dict, rel: float, *, bias_correction: str,
+                                     input_sums_of=None):
+    """The folded correction of a LAPQ result: restore() puts back the ``originals`` (name -> constant); the
+    search's simulation (ParamModel with ``bias_correction``) of the restored graph and the QDQ model with the fold
+    re-applied both give the result's final QDQ loss."""
+    from hago.algorithms.lapq import LossEvaluator
+
+    g = qg.graph
+    qg.lapq_fold.restore(g)
+    for n, c in originals.items():
+        np.testing.assert_array_equal(g.const(g.value(n)), c)
+    kw = {"input_sums": input_sums_of(g, x)} if input_sums_of is not None else {}
+    pm = ParamModel(g, bias_correction=bias_correction, **kw)
+    sim = LossEvaluator(pm, x, y, cross_entropy, None)(pm.params_from_annotations())
+    qg.lapq_fold.apply(g)
+    qg.invalidate()
+    assert cross_entropy(qg.run(x), y, None) == pytest.approx(r.final_loss_qdq, rel=1e-6)
+    assert sim == pytest.approx(r.final_loss_qdq, rel=rel)
+
+
 def test_bias_correction_bias_fold_written_and_restored():
     """bias_correction="bias": the correction folded into the biases, b0 - shift * E[window sum], in the search
     and the export (they agree); restore() puts the original biases back."""
-    from hago.algorithms.lapq import LossEvaluator, input_window_sums, stack_batches
+    from hago.algorithms.lapq import input_window_sums, stack_batches
 
     data = _data()
     qg = _w4a4(data)
@@ -209,16 +229,8 @@ def test_bias_correction_bias_fold_written_and_restored():
     assert r.bias_correction == "bias" and r.folded
     assert [b for b in b0 if not np.array_equal(g.const(g.value(b)), b0[b])]
     x, y = stack_batches(data, ["x"])
-    qg.lapq_fold.restore(g)
-    for b in b0:
-        np.testing.assert_array_equal(g.const(g.value(b)), b0[b])
-    sums = input_window_sums(g, x)
-    pm = ParamModel(g, bias_correction="bias", input_sums=sums)
-    sim = LossEvaluator(pm, x, y, cross_entropy, None)(pm.params_from_annotations())
-    qg.lapq_fold.apply(g)
-    qg.invalidate()
-    assert cross_entropy(qg.run(x), y, None) == pytest.approx(r.final_loss_qdq, rel=1e-6)
-    assert sim == pytest.approx(r.final_loss_qdq, rel=1e-4)
+    _check_fold_restores_and_matches(qg, r, x, y, b0, 1e-4, bias_correction="bias",
+                                     input_sums_of=input_window_sums)
 
 
 def test_mean_preserving_codes():
@@ -252,7 +264,7 @@ def test_bias_correction_written_on_grid(bc):
     result.final_loss, result.simulate): the written weights are on their grid with the channel means kept
     (mean_preserving_codes), equal to what bias_correction="round" simulates; restore() puts the float weights
     back."""
-    from hago.algorithms.lapq import LossEvaluator, stack_batches
+    from hago.algorithms.lapq import stack_batches
     from hago.ir.annotation import quantize_array
 
     data = _data()
@@ -269,15 +281,7 @@ def test_bias_correction_written_on_grid(bc):
             w = g.const(v)
             assert not np.array_equal(w, w0[v.name])
             np.testing.assert_allclose(w, (quantize_array(w, a) - a.zero_point) * a.scale, atol=1e-7)
-    qg.lapq_fold.restore(g)
-    for n, w in w0.items():
-        np.testing.assert_array_equal(g.const(g.value(n)), w)
-    pm = ParamModel(g, bias_correction="round")
-    sim = LossEvaluator(pm, x, y, cross_entropy, None)(pm.params_from_annotations())
-    qg.lapq_fold.apply(g)
-    qg.invalidate()
-    assert cross_entropy(qg.run(x), y, None) == pytest.approx(r.final_loss_qdq, rel=1e-6)
-    assert sim == pytest.approx(r.final_loss_qdq, rel=1e-5)
+    _check_fold_restores_and_matches(qg, r, x, y, w0, 1e-5, bias_correction="round")
 
 
 def test_input_window_sums_brute_force():

@@ -75,7 +75,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import CalibrationError, HagoError
-from ..ir.annotation import EdgeAnnotation, range_to_qparams
+from ..ir.annotation import EdgeAnnotation, broadcast_qparams, dequantize_array, range_to_qparams
 from ..ir.graph import Graph
 
 _QDQ_TYPES = {"int8": onnx.TensorProto.INT8, "uint8": onnx.TensorProto.UINT8, "int16": onnx.TensorProto.INT16,
@@ -298,12 +298,7 @@ def mean_preserving_codes(w: np.ndarray, ann: EdgeAnnotation, out_axis: int) -> 
 
     w = np.asarray(w, np.float32)
     q = quantize_array(w, ann)
-    scale = np.asarray(ann.scale, np.float64)
-    zp = np.asarray(ann.zero_point if ann.zero_point is not None else 0, np.float64)
-    if ann.per_axis:
-        shape = [1] * w.ndim
-        shape[ann.axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    scale, zp = broadcast_qparams(ann, w.ndim, np.float64, np.float64)
     u = w.astype(np.float64) / scale + zp  # real-valued codes
     um = np.moveaxis(u, out_axis, 0).reshape(w.shape[out_axis], -1)
     qm = np.moveaxis(q, out_axis, 0).reshape(w.shape[out_axis], -1).copy()
@@ -347,14 +342,7 @@ class WeightRounding:
         out = {}
         for wname, oc, w0 in self.entries:
             a = (anns or {}).get(wname) or graph.annotation(graph.value(wname))
-            q = mean_preserving_codes(w0, a, oc)
-            scale = np.asarray(a.scale, np.float32)
-            zp = np.asarray(a.zero_point if a.zero_point is not None else 0, np.float32)
-            if a.per_axis:
-                shape = [1] * w0.ndim
-                shape[a.axis] = -1
-                scale, zp = scale.reshape(shape), zp.reshape(shape)
-            out[wname] = ((q.astype(np.float32) - zp) * scale).astype(np.float32)
+            out[wname] = dequantize_array(mean_preserving_codes(w0, a, oc), a)
         return out
 
     def apply(self, graph: Graph) -> None:
@@ -649,13 +637,7 @@ class ParamModel:
             oc, w = self.fed[gname]
             a = ann.copy(scale=np.asarray(scale, np.float32).reshape(np.shape(ann.scale) if ann.per_axis else ()),
                          zero_point=np.asarray(zp, np.int64).reshape(np.shape(ann.scale) if ann.per_axis else ()))
-            q = mean_preserving_codes(w, a, oc).astype(np.float32)
-            sc, z = np.asarray(a.scale, np.float32), np.asarray(a.zero_point, np.float32)
-            if ann.per_axis:
-                shape = [1] * w.ndim
-                shape[ann.axis] = -1
-                sc, z = sc.reshape(shape), z.reshape(shape)
-            hit = ((q - z) * sc).astype(np.float32)
+            hit = dequantize_array(mean_preserving_codes(w, a, oc), a)
             if len(self._wcache) > 256:
                 self._wcache.clear()
             self._wcache[key] = hit
@@ -852,18 +834,11 @@ def relu_folded(graph: Graph) -> set[str]:
     """Unsigned per-tensor activation edges whose only consumer is a Relu that reuses their quantizer: their
     range is ``[0, max]`` (zero point 0: the quantizer itself clamps the negatives, exactly ``Q(relu(x))``), as
     :func:`hago.calibrate.apply_ranges` sets them and the QDQ export then drops the Relu."""
-    out = set()
-    for v, a in graph.annotated():
-        if a.kind != "activation" or a.fixed or a.tied_to is not None or a.signed or a.per_axis:
-            continue
-        uses = list(v.uses())
-        if len(uses) != 1 or uses[0].node.op_type != "Relu" or v.is_graph_output():
-            continue
-        o = uses[0].node.outputs[0]
-        oa = graph.annotation(o) if o is not None else None
-        if oa is not None and oa.tied_to == v.name:
-            out.add(v.name)
-    return out
+    from ..calibrate import relu_folds
+
+    return {v.name for v, a in graph.annotated()
+            if a.kind == "activation" and not a.fixed and a.tied_to is None and not a.per_axis
+            and relu_folds(graph, v, a)}
 
 
 def _relu_range(ob, a: EdgeAnnotation, method: str) -> tuple:

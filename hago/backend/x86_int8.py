@@ -525,6 +525,40 @@ def _block_names(sch):
     return [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
 
 
+def _inline_injective(sch, keep: tuple) -> None:
+    """Inline every block but ``keep`` and those writing a function output (bias, requantize, clip, cast chains)."""
+    for name in _block_names(sch):
+        if name in keep:
+            continue
+        blk = sch.get_sblock(name)
+        if not sch.get_consumers(blk):  # writes a function output
+            continue
+        try:
+            sch.compute_inline(blk)
+        except Exception:  # noqa: BLE001 - not inlinable (a reduction, or read by two consumers): leave it
+            pass
+
+
+def _epilogue_at(sch, anchor: str, loop, vectorize: bool = False) -> None:
+    """Move the blocks after ``anchor`` (its epilogue, producers first) under ``loop``, so each runs on the tile
+    the anchor just computed while it is in cache; ``vectorize``: their innermost loop too (:func:`_vector_lanes`).
+    A block that cannot move stays a loop nest of its own, parallel over its three outer loops."""
+    names = _block_names(sch)
+    for name in names[names.index(anchor) + 1:]:
+        blk = sch.get_sblock(name)
+        try:
+            sch.reverse_compute_at(blk, loop)
+            if vectorize:
+                last = sch.get_loops(blk)[-1]
+                lanes = _vector_lanes(int(sch.get(last).extent))
+                if lanes:
+                    sch.vectorize(sch.split(last, [None, lanes])[1])
+        except Exception:  # noqa: BLE001
+            lps = sch.get_loops(blk)
+            if len(lps) >= 3:
+                sch.parallel(sch.fuse(*lps[:3]))
+
+
 def schedule_packed_conv(func):
     """Schedule one fused PrimFunc holding a packed int8 conv (``data_pack`` -> ``conv2d_NCHWc_int8`` ->
     unpack -> requantize epilogue) the way TVM's old x86 ``conv2d_NCHWc_int8`` schedule did:
@@ -549,17 +583,7 @@ def schedule_packed_conv(func):
     if CONV_BLOCK not in names:
         return None
     conv = sch.get_sblock(CONV_BLOCK)
-    # inline everything else that can be, except the packing block and the blocks writing the outputs
-    for name in names:
-        if name in (CONV_BLOCK, "data_pack"):
-            continue
-        blk = sch.get_sblock(name)
-        if not sch.get_consumers(blk):  # writes a function output
-            continue
-        try:
-            sch.compute_inline(blk)
-        except Exception:  # noqa: BLE001 - not inlinable (a reduction, or read by two consumers): leave it
-            pass
+    _inline_injective(sch, (CONV_BLOCK, "data_pack"))
     loops = sch.get_loops(conv)
     if len(loops) != 10:
         return None
@@ -572,28 +596,18 @@ def schedule_packed_conv(func):
     regn, extra = pick_register_block(ow)
     if extra:
         return None  # the compute was not padded to a multiple of the block
-    after = _block_names(sch)
-    after = after[after.index(CONV_BLOCK) + 1:]  # the epilogue blocks, producers first
-    for name in _block_names(sch):  # the packing block: parallel over its three outer loops
-        if name == "data_pack":
-            lps = sch.get_loops(sch.get_sblock(name))
-            if len(lps) >= 3:
-                sch.parallel(sch.fuse(*lps[:3]))
+    if "data_pack" in names:  # the packing block: parallel over its three outer loops
+        lps = sch.get_loops(sch.get_sblock("data_pack"))
+        if len(lps) >= 3:
+            sch.parallel(sch.fuse(*lps[:3]))
     xo, xi = sch.split(x, [None, regn])
     sch.reorder(b, oc, y, xo, ico, kh, kw, icf, xi, oi, ics)
     row = sch.fuse(b, oc, y)
     sch.parallel(row)
     # the epilogue runs right after each (oc block, output row) of the conv, on the 16 x OW accumulator tile
     # while it is in L1 (run after the whole conv instead, it re-reads the int32 result from memory with a
-    # 64-byte stride per pixel); an epilogue block that cannot move there stays a parallel loop of its own
-    for name in after:
-        blk = sch.get_sblock(name)
-        try:
-            sch.reverse_compute_at(blk, row)
-        except Exception:  # noqa: BLE001
-            lps = sch.get_loops(blk)
-            if len(lps) >= 3:
-                sch.parallel(sch.fuse(*lps[:3]))
+    # 64-byte stride per pixel)
+    _epilogue_at(sch, CONV_BLOCK, row)
     sch.unroll(xi)
     sch.decompose_reduction(conv, ico)
     sch.tensorize(oi, intrin)
@@ -604,7 +618,8 @@ def schedule_packed_conv(func):
 
 def schedule_packed_convs(mod):
     """Apply :func:`schedule_packed_conv` to every PrimFunc of ``mod`` that holds a packed int8 conv, and
-    :func:`schedule_depthwise_conv` to every integer depthwise conv; returns ``(mod, number scheduled)``. A function the schedule does not fit is left for MetaSchedule."""
+    :func:`schedule_depthwise_conv` to every integer depthwise conv; returns ``(mod, number scheduled)``. A
+    function neither schedule fits is left for MetaSchedule."""
     import tvm
 
     count = 0
@@ -668,18 +683,7 @@ def schedule_depthwise_conv(func):
         return None
     if "int" not in str(sch.get(conv).body.value.ty):  # the integer accumulation, not a float depthwise conv
         return None
-    for name in names:  # the injective epilogue: inline what can be, keep the blocks that write outputs
-        if name in (DW_BLOCK, "pad_temp"):
-            continue
-        blk = sch.get_sblock(name)
-        if not sch.get_consumers(blk):
-            continue
-        try:
-            sch.compute_inline(blk)
-        except Exception:  # noqa: BLE001
-            pass
-    after = _block_names(sch)
-    after = after[after.index(DW_BLOCK) + 1:]
+    _inline_injective(sch, (DW_BLOCK, "pad_temp"))
     lanes = _vector_lanes(ext[3])
     plane = sch.fuse(n, c)
     sch.parallel(plane)
@@ -698,17 +702,6 @@ def schedule_depthwise_conv(func):
             sch.vectorize(sch.split(plps[-1], [None, pl])[1])
     if xi is not None:
         sch.vectorize(xi)
+    _epilogue_at(sch, DW_BLOCK, y, vectorize=True)
     sch.decompose_reduction(conv, rc)
-    for name in after:
-        blk = sch.get_sblock(name)
-        try:
-            sch.reverse_compute_at(blk, y)
-            lps = sch.get_loops(blk)
-            el = _vector_lanes(int(sch.get(lps[-1]).extent))
-            if el:
-                sch.vectorize(sch.split(lps[-1], [None, el])[1])
-        except Exception:  # noqa: BLE001
-            lps = sch.get_loops(blk)
-            if len(lps) >= 3:
-                sch.parallel(sch.fuse(*lps[:3]))
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -21,7 +21,7 @@ from ..ir.graph import Graph
 from ..runtime import ort as rt
 from .observers import EdgeObserver, needs_exact_histogram, needs_histogram, weight_range
 
-__all__ = ["calibrate", "collect_stats", "run_observers", "finalize_derived", "CalibrationReport"]
+__all__ = ["calibrate", "collect_stats", "run_observers", "finalize_derived", "relu_folds", "CalibrationReport"]
 
 
 class CalibrationReport(dict):
@@ -155,20 +155,27 @@ def apply_ranges(graph: Graph, observers: dict, *, method: str | None = None, we
     finalize_derived(graph)
 
 
+def relu_folds(graph: Graph, v, a) -> bool:
+    """Whether the unsigned activation edge ``v`` (annotation ``a``) is read only by a Relu whose output reuses its
+    quantizer (tied), and is not a graph output: quantized on ``[0, max]`` (zero point 0) such an edge gives
+    exactly ``Q(relu(x))``, so the Relu can go (:func:`apply_ranges`, the QDQ export, LAPQ's candidates)."""
+    if a.signed:
+        return False
+    uses = list(v.uses())
+    if len(uses) != 1 or uses[0].node.op_type != "Relu" or v.is_graph_output():
+        return False
+    out = uses[0].node.outputs[0]
+    oa = graph.annotation(out) if out is not None else None
+    return oa is not None and oa.tied_to == v.name
+
+
 def _fold_relu_ranges(graph: Graph) -> None:
-    """An unsigned activation whose only consumer is a Relu that reuses its scale is quantized on the Relu's range
-    ``[0, max]``: its zero point becomes 0, so quantization itself clamps the negatives. The result is exactly
-    ``Q(relu(x))``, negative codes are not wasted, and onnxruntime's QDQ optimizer drops the Relu and the
-    Q/DQ pair around it (what its own quantizer produces). Graph outputs and edges read elsewhere are left alone."""
+    """An activation that :func:`relu_folds` is quantized on the Relu's range ``[0, max]``: its zero point becomes
+    0, so quantization itself clamps the negatives. The result is exactly ``Q(relu(x))``, negative codes are not
+    wasted, and onnxruntime's QDQ optimizer drops the Relu and the Q/DQ pair around it (what its own quantizer
+    produces). Graph outputs and edges read elsewhere are left alone."""
     for v, a in activation_edges(graph):
-        if a.signed or a.rmin is None or np.ndim(a.rmin) or float(a.rmin) >= 0.0:
-            continue
-        uses = list(v.uses())
-        if len(uses) != 1 or uses[0].node.op_type != "Relu" or v.is_graph_output():
-            continue
-        out = uses[0].node.outputs[0]
-        oa = graph.annotation(out) if out is not None else None
-        if oa is None or oa.tied_to != v.name:
+        if a.rmin is None or np.ndim(a.rmin) or float(a.rmin) >= 0.0 or not relu_folds(graph, v, a):
             continue
         a.set_range(0.0, max(float(a.rmax), 0.0))
 

@@ -153,26 +153,32 @@ def range_to_qparams(rmin, rmax, ann: EdgeAnnotation):
     return scale, zp
 
 
+def broadcast_qparams(ann: EdgeAnnotation, ndim: int, scale_dtype=np.float32, zp_dtype=np.float32):
+    """``(scale, zero_point)`` of the annotation as arrays that broadcast against a tensor of ``ndim`` dimensions
+    (per-axis parameters laid along ``ann.axis``; a missing zero point is 0)."""
+    scale = np.asarray(ann.scale, dtype=scale_dtype)
+    zp = np.asarray(ann.zero_point if ann.zero_point is not None else 0, dtype=zp_dtype)
+    if ann.per_axis:
+        shape = [1] * ndim
+        shape[ann.axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return scale, zp
+
+
 def fake_quantize(x: np.ndarray, ann: EdgeAnnotation) -> np.ndarray:
     """Quantize and dequantize ``x`` with the annotation's parameters (numpy reference)."""
-    scale = np.asarray(ann.scale, dtype=np.float32)
-    zp = np.asarray(ann.zero_point, dtype=np.float32)
-    if ann.per_axis:
-        shape = [1] * x.ndim
-        shape[ann.axis] = -1
-        scale = scale.reshape(shape)
-        zp = zp.reshape(shape)
+    scale, zp = broadcast_qparams(ann, x.ndim)
     q = np.clip(np.rint(x / scale) + zp, ann.qmin, ann.qmax)
     return ((q - zp) * scale).astype(np.float32)
 
 
+def dequantize_array(q: np.ndarray, ann: EdgeAnnotation) -> np.ndarray:
+    """Float values (float32) of integer codes ``q`` under the annotation: ``(q - zero_point) * scale``."""
+    scale, zp = broadcast_qparams(ann, np.ndim(q))
+    return ((np.asarray(q, np.float32) - zp) * scale).astype(np.float32)
+
+
 def quantize_array(x: np.ndarray, ann: EdgeAnnotation) -> np.ndarray:
     """Integer codes of ``x`` (as int64) under the annotation, round half to even."""
-    scale = np.asarray(ann.scale, dtype=np.float32)
-    zp = np.asarray(ann.zero_point, dtype=np.int64)
-    if ann.per_axis:
-        shape = [1] * x.ndim
-        shape[ann.axis] = -1
-        scale = scale.reshape(shape)
-        zp = zp.reshape(shape)
+    scale, zp = broadcast_qparams(ann, x.ndim, zp_dtype=np.int64)
     return np.clip(np.rint(x.astype(np.float32) / scale) + zp, ann.qmin, ann.qmax).astype(np.int64)

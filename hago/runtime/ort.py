@@ -116,6 +116,15 @@ def iterate(model, data: Iterable[dict], fn: Callable[[int, dict, list[np.ndarra
     return n
 
 
+def random_feeds(sess) -> dict:
+    """Inputs for timing a session: uniform [0, 1) floats (seed 0) and zero integers, symbolic dims bound to 1."""
+    tmap = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
+            "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+    rs = np.random.RandomState(0)
+    return {i.name: rs.rand(*[d if isinstance(d, int) else 1 for d in i.shape]).astype(tmap.get(i.type, np.float32))
+            for i in sess.get_inputs()}
+
+
 def profile_nodes(model, feeds: dict | None = None, *, threads: int = 1, runs: int = 10) -> list[dict]:
     """Where the time goes in onnxruntime: per-node kernel time (ms per run, averaged over ``runs`` profiled runs
     after one warm-up), from onnxruntime's own profiler, sorted by time. Each row: ``{"node", "op", "ms"}``.
@@ -137,11 +146,7 @@ def profile_nodes(model, feeds: dict | None = None, *, threads: int = 1, runs: i
         data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
         sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
         if feeds is None:
-            tmap = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
-                    "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-            rs = np.random.RandomState(0)
-            feeds = {i.name: rs.rand(*[s if isinstance(s, int) else 1 for s in i.shape]).astype(
-                tmap.get(i.type, np.float32)) for i in sess.get_inputs()}
+            feeds = random_feeds(sess)
         names = {i.name for i in sess.get_inputs()}
         feeds = {k: v for k, v in feeds.items() if k in names}
         sess.run(None, feeds)

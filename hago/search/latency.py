@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from ..errors import DeviceError, HagoError
+from ..errors import HagoError
 from ..ir.graph import Graph
 from .space import MULTIPOINT_BUDGET, Config, SearchSpace, sparq_mode
 
@@ -61,7 +61,7 @@ class OrtLatency:
         from ..runtime import ort as rt
 
         sess = rt.session(qg.to_qdq(), threads=self.threads, optimize=True)
-        feeds = self.inputs or _random_inputs(sess)
+        feeds = self.inputs or rt.random_feeds(sess)
         t0 = time.perf_counter()
         for _ in range(max(1, self.warmup)):
             sess.run(None, feeds)
@@ -95,18 +95,6 @@ class TvmLatency:
                            progress=False)
         stats = hago.measure(art, None, repeat=self.repeat, threads=self.threads, rpc=self.rpc)
         return float(stats.median_ms)
-
-
-def _random_inputs(sess) -> dict:
-    rs = np.random.RandomState(0)
-    feeds = {}
-    for i in sess.get_inputs():
-        shape = [d if isinstance(d, int) else 1 for d in i.shape]
-        if "float" in i.type:
-            feeds[i.name] = rs.rand(*shape).astype(np.float32)
-        else:
-            feeds[i.name] = np.zeros(shape, dtype=np.int64)
-    return feeds
 
 
 def make_measurer(measure, spec, **kw):
