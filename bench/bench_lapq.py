@@ -4,7 +4,8 @@ clipping at W4A4 on the MNIST example models and on PP-OCRv4 recognition.
     python bench/bench_lapq.py [--models mnist_cnn,mnist_resnet] [--calib 512] [--maxiter 1] [--maxfev N]
                                [--bcw on|round|bias|off] [--json out.json]
     python bench/bench_lapq.py --model ppocr_rec [--ocr-calib 8] [--ocr-lines 150] [--ocr-maxfev 60]
-                               [--ocr-powell-top 8] [--ocr-wbits 4 --ocr-abits 4]
+                               [--ocr-powell-top 8] [--ocr-wbits 4 --ocr-abits 4] [--ocr-loss kl|ctc]
+                               [--ocr-per-channel] [--ocr-ends 8]
 
 Setting: spec ``x86_avx512_vnni`` with 4-bit weights, **per tensor** (as in the paper),
 and 4-bit asymmetric activations (``per_channel=False, weight_bits=4, activation_bits=4``).
@@ -26,9 +27,11 @@ the reference's exact (off-grid) weight correction, for comparison with the expo
 ``--engine-timing`` adds the time of one loss evaluation with the parametric QDQ model
 against re-exporting the QDQ model and opening a new session per evaluation.
 
-``ppocr_rec``: the model has no labels here, so the loss LAPQ minimises is a distillation loss,
-KL(fp32 || quantized) of the output distributions per time step over the calibration lines (LAPQ's
-cross-entropy needs labels); accuracy is character accuracy on ``--ocr-lines`` rendered lines
+``ppocr_rec``: the loss LAPQ minimises is a distillation loss, KL(fp32 || quantized) of the output
+distributions per time step over the calibration lines (``--ocr-loss kl``), or the recogniser's own
+training loss, CTC against the texts of the rendered calibration lines (``--ocr-loss ctc``, the analogue of
+LAPQ's cross-entropy with labels); ``--ocr-per-channel`` and ``--ocr-ends B`` (first and last layer at
+``B`` bits, as the reference code leaves them unquantized) relax the MNIST setting; accuracy is character accuracy on ``--ocr-lines`` rendered lines
 (``hago.examples.ocr``). To keep each method under 10 minutes on the 2-core machine: 8 calibration
 lines, the p grid {2, 2.5, 3, 3.5, 4} over all tensors, and Powell restricted to the
 ``--ocr-powell-top`` tensors with the largest relative quantization noise at the Lp init, at most
@@ -177,14 +180,30 @@ def kl_probs(outputs, labels, ref) -> float:
     return float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=-1)))
 
 
+def end_overrides(g, bits: int) -> dict:
+    """Overrides that set the weight and the input of the first and the last Conv / Gemm / MatMul with a
+    constant weight to ``bits`` (the reference code leaves those two layers unquantized)."""
+    weighted = [n for n in g.nodes() if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.inputs) > 1
+                and n.inputs[1] is not None and n.inputs[1].const_value is not None]
+    if not weighted:
+        return {}
+    return {v.name: {"bits": bits} for n in {weighted[0].name: weighted[0], weighted[-1].name: weighted[-1]}.values()
+            for v in n.inputs[:2]}
+
+
 def run_ocr(a) -> dict:
     from hago.examples import ocr
 
     g = hago.load(ocr.model_path())
     inp = g.input_names[0]
     images, texts = ocr.dataset(n=a.ocr_lines, seed=0)
-    calib = list(ocr.calib_batches(n=a.ocr_calib, seed=1, name=inp))
-    xc = np.concatenate([b[inp] for b in calib])
+    xc, texts_c = ocr.dataset(a.ocr_calib, seed=1)  # the lines of ocr.calib_batches, with their texts
+    calib = [{inp: xc[i:i + 8], "label": np.arange(i, min(i + 8, len(xc)))} for i in range(0, len(xc), 8)]
+    labels_c = ocr.encode(texts_c, ocr.charset())
+
+    def ctc(outputs, lab, ref):  # the batches carry line indices as labels
+        return ocr.ctc_loss(outputs[0], [labels_c[int(i)] for i in lab])
+
     fp = rt.session(g.to_onnx())
     ref_c = fp.run(None, {inp: xc})
     ref_t = [fp.run(None, {inp: images[i:i + 16]})[0] for i in range(0, len(images), 16)]
@@ -197,13 +216,19 @@ def run_ocr(a) -> dict:
         test_kl = float(np.mean([kl_probs(sess.run(None, {inp: images[i:i + 16]}), None, [ref_t[k]])
                                  for k, i in enumerate(range(0, len(images), 16))]))
         return {"acc": ocr.char_accuracy(pred, texts), "agree": ocr.char_accuracy(pred, fp_pred),
-                "test_loss": test_kl, "calib_loss": kl_probs(qg.run({inp: xc}), None, ref_c)}
+                "test_loss": test_kl, "calib_kl": kl_probs(out_c := qg.run({inp: xc}), None, ref_c),
+                "calib_ctc": ctc(out_c, np.arange(len(xc)), None),
+                "calib_loss": (ctc if a.ocr_loss == "ctc" else kl_probs)(out_c, np.arange(len(xc)), ref_c)}
 
     out = {"model": "ppocr_rec", "calib_samples": a.ocr_calib, "test_lines": a.ocr_lines, "bcw": a.bcw,
            "maxiter": a.maxiter, "maxfev": a.ocr_maxfev, "edges": a.ocr_edges, "powell_top": a.ocr_powell_top,
-           "bits": [a.ocr_wbits, a.ocr_abits],
-           "fp32": {"acc": ocr.char_accuracy(fp_pred, texts), "agree": 1.0, "test_loss": 0.0, "calib_loss": 0.0}}
-    kw = dict(per_channel=False, weight_bits=a.ocr_wbits, activation_bits=a.ocr_abits, sparq=None)
+           "bits": [a.ocr_wbits, a.ocr_abits], "per_channel": a.ocr_per_channel, "ends": a.ocr_ends,
+           "loss": a.ocr_loss,
+           "fp32": {"acc": ocr.char_accuracy(fp_pred, texts), "agree": 1.0, "test_loss": 0.0, "calib_kl": 0.0,
+                    "calib_ctc": ctc(ref_c, np.arange(len(xc)), None)}}
+    out["fp32"]["calib_loss"] = out["fp32"]["calib_ctc"] if a.ocr_loss == "ctc" else 0.0
+    kw = dict(per_channel=a.ocr_per_channel, weight_bits=a.ocr_wbits, activation_bits=a.ocr_abits, sparq=None,
+              overrides=end_overrides(g, a.ocr_ends) if a.ocr_ends else None)
     for label, m in (("minmax", "minmax"), ("mse", "mse")):
         t0 = time.perf_counter()
         qg = hago.quantize(g, SPEC, calib, method=m, weight_method=m, **kw)
@@ -216,7 +241,7 @@ def run_ocr(a) -> dict:
     include = {"all": ("weight", "activation"), "weights": ("weight",), "activations": ("activation",)}[a.ocr_edges]
     a2 = argparse.Namespace(**vars(a))
     a2.maxfev = a.ocr_maxfev
-    r, info = run_lapq(qg, calib, a2, loss=kl_probs, include=include, p_grid=OCR_P_GRID,
+    r, info = run_lapq(qg, calib, a2, loss=ctc if a.ocr_loss == "ctc" else kl_probs, include=include, p_grid=OCR_P_GRID,
                        powell_edges=a.ocr_powell_top or None)
     info["powell_edges"] = r.powell_edges
     info["stage_seconds"] = r.seconds
@@ -251,6 +276,14 @@ def main():
                          "noise at the Lp init (0: all); the others keep their Lp clipping")
     ap.add_argument("--ocr-wbits", type=int, default=4)
     ap.add_argument("--ocr-abits", type=int, default=4)
+    ap.add_argument("--ocr-loss", choices=("kl", "ctc"), default="kl",
+                    help="ppocr_rec: the loss LAPQ minimises: KL to fp32 (distillation) or CTC against the texts of "
+                         "the calibration lines (the model's training loss, as LAPQ's CE with labels)")
+    ap.add_argument("--ocr-per-channel", action="store_true",
+                    help="ppocr_rec: per-channel weights (default per tensor, as on MNIST)")
+    ap.add_argument("--ocr-ends", type=int, default=0,
+                    help="ppocr_rec: bits of the first and last layer's weight and input (0: same as the rest; the "
+                         "reference code leaves those two layers unquantized)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     t_all = time.perf_counter()
@@ -287,19 +320,22 @@ def main():
     if "ppocr_rec" in names:
         r = run_ocr(a)
         rows.append(r)
-        print(f"\nppocr_rec W{a.ocr_wbits}A{a.ocr_abits} (x86_avx512_vnni, per-tensor weights). Each cell: character "
-              f"accuracy on {a.ocr_lines} rendered lines (agreement with fp32's reading), KL(fp32 || quantized) per "
-              f"time step on those lines / on the {a.ocr_calib} calibration lines (the loss LAPQ minimises: a "
-              f"distillation loss, since LAPQ's cross-entropy needs labels); seconds. LAPQ: bias correction {a.bcw}, "
+        ends = f", first/last layer {a.ocr_ends}-bit" if a.ocr_ends else ""
+        print(f"\nppocr_rec W{a.ocr_wbits}A{a.ocr_abits} (x86_avx512_vnni, "
+              f"{'per-channel' if a.ocr_per_channel else 'per-tensor'} weights{ends}). Each cell: character "
+              f"accuracy on {a.ocr_lines} rendered lines (agreement with fp32's reading); KL(fp32 || quantized) per "
+              f"time step on those lines; on the {a.ocr_calib} calibration lines KL and CTC against their texts. "
+              f"LAPQ minimises the calibration {a.ocr_loss.upper()} (LAPQ's own loss is CE with labels; KL is a "
+              f"distillation stand-in, CTC the model's training loss); bias correction {a.bcw}, "
               f"p search over {a.ocr_edges} tensors, Powell over the {a.ocr_powell_top or 'all'} noisiest of them, "
               f"maxiter {a.maxiter}, maxfev {a.ocr_maxfev}")
-        print("| method | char acc (agree) | KL test / calib | s |")
-        print("|---|---|---|---|")
+        print("| method | char acc (agree) | KL test | KL / CTC calib | s |")
+        print("|---|---|---|---|---|")
         for k, lab in (("fp32", "fp32"), ("minmax", "min-max"), ("mse", "MSE"), ("lp_init", f"Lp init (p={r['lp_init']['p']:.2f})"),
                        ("lapq", "LAPQ")):
             d = r[k]
-            print(f"| {lab} | {d['acc'] * 100:.1f} % ({d['agree'] * 100:.1f} %) | {d['test_loss']:.4f} / {d['calib_loss']:.4f} "
-                  f"| {d.get('seconds', float('nan')):.0f} |", flush=True)
+            print(f"| {lab} | {d['acc'] * 100:.1f} % ({d['agree'] * 100:.1f} %) | {d['test_loss']:.4f} | "
+                  f"{d['calib_kl']:.4f} / {d['calib_ctc']:.4f} | {d.get('seconds', float('nan')):.0f} |", flush=True)
         L = r["lapq"]
         print(f"LAPQ: {L['evals']} evaluations ({L['tensors']} tensors, {L['per_eval_s']:.2f} s/eval), Powell {L['powell']} "
               f"on {L['powell_edges']}; stage seconds " + ", ".join(f"{k} {v:.0f}" for k, v in L["stage_seconds"].items()))

@@ -154,3 +154,39 @@ def test_evaluate_uses_the_installed_charset_when_metadata_is_gone(model, fp32_r
     with pytest.raises(HagoError, match="no 'character' metadata"):
         ocr.charset(proto)
     assert ocr.predict(proto, images[:2]) == preds[:2]
+
+
+def test_ctc_loss_matches_torch_and_enumeration():
+    """The CTC negative log-likelihood against a brute-force sum over alignments and, when torch is there,
+    torch.nn.functional.ctc_loss."""
+    import itertools
+
+    rng = np.random.default_rng(0)
+    T, C = 5, 4
+    logits = rng.normal(size=(3, T, C))
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    labels = [np.array([1, 2]), np.array([3, 3]), np.array([2])]
+
+    def collapse(path):
+        out = [c for i, c in enumerate(path) if c != 0 and (i == 0 or c != path[i - 1])]
+        return out
+
+    want = []
+    for p, lab in zip(probs, labels):
+        tot = sum(np.prod([p[t, c] for t, c in enumerate(path)])
+                  for path in itertools.product(range(C), repeat=T) if collapse(path) == list(lab))
+        want.append(-np.log(tot))
+    assert ocr.ctc_loss(probs, labels) == pytest.approx(np.mean(want), rel=1e-9)
+    torch = pytest.importorskip("torch")
+    lp = torch.log(torch.from_numpy(probs)).permute(1, 0, 2)
+    ref = torch.nn.functional.ctc_loss(lp, torch.cat([torch.from_numpy(x) for x in labels]),
+                                       torch.full((3,), T), torch.tensor([len(x) for x in labels]),
+                                       reduction="sum", zero_infinity=False) / 3
+    assert ocr.ctc_loss(probs, labels) == pytest.approx(float(ref), rel=1e-9)
+
+
+def test_encode_round_trips_and_names_missing_characters():
+    chars = ["blank", "a", "b", " "]
+    assert [list(x) for x in ocr.encode(["ab a"], chars)] == [[1, 2, 3, 1]]
+    with pytest.raises(ocr.OCRDataError, match="'z'"):
+        ocr.encode(["az"], chars)

@@ -324,6 +324,49 @@ def _resize_norm(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
+def encode(texts: Sequence[str], chars: Sequence[str]) -> list[np.ndarray]:
+    """Class indices of each text's characters in ``chars`` (the inverse of :func:`decode` without repeats)."""
+    index = {c: i for i, c in enumerate(chars) if i > 0}
+    out = []
+    for t in texts:
+        missing = sorted({c for c in t if c not in index})
+        if missing:
+            raise OCRDataError(f"text {t!r}: characters {missing} are not in the model's dictionary")
+        out.append(np.array([index[c] for c in t], dtype=np.int64))
+    return out
+
+
+def ctc_loss(probs: np.ndarray, labels: Sequence[np.ndarray], eps: float = 1e-30) -> float:
+    """Mean over lines of the CTC negative log-likelihood ``-log p(label | x)`` (blank = class 0).
+
+    ``probs`` [N, T, C] are per-step probabilities (PP-OCR's recogniser ends in a softmax);
+    ``labels`` the class sequences of :func:`encode`. The CTC forward recursion runs in log space over
+    the label interleaved with blanks: the training loss of a CTC recogniser, here the task loss
+    for quantization methods that need one (LAPQ, mixed precision) without a hand-made proxy.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 3 or len(probs) != len(labels):
+        raise OCRDataError(f"ctc_loss: probs {probs.shape} for {len(labels)} labels (want [N, T, C], N = labels)")
+    logp = np.log(np.maximum(probs, eps))
+    total = 0.0
+    for lp, lab in zip(logp, labels):
+        ext = np.zeros(2 * len(lab) + 1, dtype=np.int64)
+        ext[1::2] = lab
+        # a path may skip the blank between two different labels
+        skip = np.zeros(len(ext), dtype=bool)
+        skip[3::2] = lab[1:] != lab[:-1]
+        alpha = np.full(len(ext), -np.inf)
+        alpha[0] = lp[0, 0]
+        if len(ext) > 1:
+            alpha[1] = lp[0, ext[1]]
+        for t in range(1, lp.shape[0]):
+            prev1 = np.concatenate([[-np.inf], alpha[:-1]])
+            prev2 = np.where(skip, np.concatenate([[-np.inf, -np.inf], alpha[:-2]]), -np.inf)
+            alpha = np.logaddexp(np.logaddexp(alpha, prev1), prev2) + lp[t, ext]
+        total -= np.logaddexp(alpha[-1], alpha[-2]) if len(ext) > 1 else alpha[-1]
+    return float(total / len(labels))
+
+
 def dataset(n: int = 300, seed: int = 0, height: int = HEIGHT, width: int = WIDTH):
     """``n`` deterministic text lines: (images float32 [n, 3, height, width], texts).
 
