@@ -358,3 +358,136 @@ def test_weight_subset_and_per_tensor():
                   first_last_8bit=False)
     assert set(res.weights) == {"b1.c1.w", "b1.c2.w"}
     assert res.axes["b1.c1.w"] is None and res.scales["b1.c1.w"].shape == ()
+
+
+# ------------------------------------------------------------------------------------------ transformer neck
+
+def tiny_neck(seed=0, softmax=False):
+    """A CNN stem, then (as PP-OCR's SVTR neck) a skip around two residual MLP layers on a reshaped
+    sequence, reshaped back by shape arithmetic and concatenated with the skip; a sequence head."""
+    rs = np.random.RandomState(seed)
+    i64 = np.int64
+
+    def w(*shape, s=1.0):
+        return rs.randn(*shape) * s / np.sqrt(shape[-1] if len(shape) == 2 else np.prod(shape[1:]))
+
+    inits = [
+        _t("c0.w", w(4, 3, 1, 1)), _t("c1.w", w(4, 4, 1, 1)), _t("c2.w", w(4, 4, 1, 1)), _t("c3.w", w(4, 8, 1, 1)),
+        _t("m1.w", w(4, 4)), _t("m2.w", w(4, 4, s=0.5)), _t("m3.w", w(4, 4)), _t("m4.w", w(4, 4, s=0.5)),
+        _t("head.w", w(4, 5)),
+        numpy_helper.from_array(np.array([0], i64), "st"), numpy_helper.from_array(np.array([2], i64), "en"),
+        numpy_helper.from_array(np.array([-1], i64), "m1"), numpy_helper.from_array(np.array([2], i64), "ax2"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["x", "c0.w"], ["c0"], name="c0"), n("Relu", ["c0"], ["h"], name="r0"),
+        n("Conv", ["h", "c1.w"], ["a"], name="c1"),
+        n("Shape", ["a"], ["shp"]), n("Slice", ["shp", "st", "en"], ["lead"]),
+        n("Concat", ["lead", "m1"], ["tgt"], axis=0), n("Reshape", ["a", "tgt"], ["seq"]),
+        n("Transpose", ["seq"], ["t"], perm=[0, 2, 1]),
+        n("MatMul", ["t", "m1.w"], ["u1"], name="m1"), n("Relu", ["u1"], ["u1r"]),
+        n("MatMul", ["u1r", "m2.w"], ["u2"], name="m2"), n("Add", ["t", "u2"], ["r1"], name="add1"),
+        n("MatMul", ["r1", "m3.w"], ["u3"], name="m3"), n("Relu", ["u3"], ["u3r"]),
+        n("MatMul", ["u3r", "m4.w"], ["u4"], name="m4"), n("Add", ["r1", "u4"], ["r2"], name="add2"),
+        n("Transpose", ["r2"], ["r2t"], perm=[0, 2, 1]), n("Reshape", ["r2t", "shp"], ["back"]),
+        n("Conv", ["back", "c2.w"], ["o"], name="c2"),
+        n("Concat", ["h", "o"], ["cat"], axis=1), n("Conv", ["cat", "c3.w"], ["c3"], name="c3"),
+        n("Relu", ["c3"], ["c3r"]), n("Squeeze", ["c3r", "ax2"], ["sq"]),
+        n("Transpose", ["sq"], ["seq2"], perm=[0, 2, 1]), n("MatMul", ["seq2", "head.w"], ["logits"], name="head"),
+    ]
+    out = "logits"
+    if softmax:
+        nodes.append(n("Softmax", ["logits"], ["prob"], axis=-1))
+        out = "prob"
+    g = helper.make_graph(nodes, "tiny_neck", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 1, 6])],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def neck_calib(n=64, seed=3, bs=16):
+    x = np.random.RandomState(seed).randn(n, 3, 1, 6).astype(np.float32)
+    return [{"x": x[i:i + bs]} for i in range(0, n, bs)]
+
+
+def test_long_skip_is_split_into_its_residual_layers():
+    """The skip h -> Concat spans the whole neck: without looking through it the neck is one block of five
+    weights. The two residual MLP layers become blocks of their own; the shape (an integer value computed
+    before them) is recomputed where it is needed, its float source being the block input."""
+    blocks = B.find_blocks(tiny_neck())
+    desc = [(b.kind, b.inputs, b.outputs, b.weights) for b in blocks]
+    assert desc == [
+        ("layer", ["x"], ["h"], ["c0.w"]),
+        ("layer", ["h"], ["a"], ["c1.w"]),
+        ("block", ["a"], ["r1"], ["m1.w", "m2.w"]),  # reshape + transpose join the first residual layer
+        ("block", ["r1"], ["r2"], ["m3.w", "m4.w"]),
+        ("layer", ["a", "r2"], ["o"], ["c2.w"]),  # Shape(a) recomputed here from a, not read as an integer
+        ("layer", ["h", "o"], ["c3r"], ["c3.w"]),
+        ("layer", ["c3r"], ["logits"], ["head.w"]),
+    ]
+    # a residual block's body is not split, HardSwish-like x * f(x) is no merge
+    assert [b.kind for b in B.find_blocks(tiny_resnet())] == ["layer", "block", "block", "layer"]
+
+
+def test_shape_values_get_no_activation_quantizer_and_brecq_runs():
+    m = tiny_neck()
+    acts = B.act_values(m)
+    assert "tgt" not in acts and "lead" not in acts and "shp" not in acts
+    assert {"x", "h", "t", "r1", "u2", "o", "cat", "seq2"} <= set(acts)
+    cal = neck_calib()
+    res = B.brecq(m, cal, w_bits=4, a_bits=8, iters=30, iters_a=5, lr=1e-2, batch_size=8, seed=0)
+    assert set(res.weights) == {"c0.w", "c1.w", "c2.w", "c3.w", "m1.w", "m2.w", "m3.w", "m4.w", "head.w"}
+    x = np.concatenate([b["x"] for b in cal])
+    with torch.no_grad():
+        sim = B.simulate(m, res, activations=False)(torch.from_numpy(x)).numpy()
+    import onnxruntime as ort
+    ref = ort.InferenceSession(res.apply(m).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(sim, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_incremental_block_data_matches_full_recomputation():
+    """The block inputs / targets kept along the topological order equal a run from the graph inputs."""
+    m = tiny_neck()
+    mod = B.to_torch(m)
+    x = torch.from_numpy(np.concatenate([b["x"] for b in neck_calib()]))
+    fr = B._Frontier(mod, {"x": x}, quant=True, chunk=16)
+    blocks = B.find_blocks(mod)
+    for b in blocks:
+        got = fr.get(b.inputs)
+        with torch.no_grad():
+            ref = mod.run({"x": x}, b.inputs)
+        for k in b.inputs:
+            assert torch.equal(got[k], ref[k]), (b.name, k)
+        w = b.weights[0]
+        mod.set_quantizer(w, lambda t: t.sign() * 0.1)  # a changed weight: what follows must be recomputed
+        fr.invalidate(mod._consumers[w])
+        fr.advance(max(b.nodes))
+        assert set(fr.cache) <= {"x", "h", "t", "a", "r1", "r2", "o", "c3r", "logits"}
+
+
+def test_fisher_kl_on_sequence_softmax_output_needs_no_labels():
+    """PP-OCR's output is a softmax per time step [N, T, C] and has no labels: the Fisher weights come from
+    KL(fp32 || quantized) per time step over the classes, on the probabilities (no second softmax)."""
+    m = tiny_neck(softmax=True)
+    mod = B.to_torch(m)
+    assert B._output_is_softmax(mod) and not B._output_is_softmax(B.to_torch(tiny_resnet()))
+    res = B.brecq(m, neck_calib(), w_bits=4, iters=10, lr=1e-2, batch_size=8, fisher=True, seed=0)
+    assert all(np.isfinite(e["mse"]) for e in res.log if "mse" in e)
+    # the KL of the fp32 model against itself has zero gradient: damping only
+    blk = [b for b in B.find_blocks(mod) if b.weights == ["m1.w", "m2.w"]][0]
+    x = {"x": torch.from_numpy(np.concatenate([b["x"] for b in neck_calib()]))}
+    g = B._fisher_grads(mod, x, None, blk, 16, "kl")
+    assert all(torch.allclose(v, torch.ones_like(v), atol=1e-5) for v in g.values())
+
+
+def test_small_activation_steps_move_relative_to_their_size():
+    """Adam moves a parameter by about lr per iteration: a step of 0.003 (attention probabilities at 8 bits)
+    with the reference lr 4e-4 reached 0 within 20 iterations and zeroed PP-OCR's attention. Each step's
+    rate is capped at 1 % of its initial value per iteration."""
+    rs = np.random.RandomState(0)
+    x = torch.from_numpy(rs.dirichlet(np.ones(50), size=64).astype(np.float32))
+    q = A.act_quantizer(8, 0.003, 0)
+    A.reconstruct(lambda b: {"y": q(b["x"])}, {"x": x}, {"y": x * 1.3}, act_params=[q.delta], iters=20,
+                  batch_size=16, p=2.4)
+    assert 0.003 * 0.8 <= float(q.delta.detach()) <= 0.003 * 1.2

@@ -319,3 +319,30 @@ def test_transformer_and_shape_ops_match_onnxruntime(opset):
     for o, r in zip(outs, refs):
         assert tuple(got[o].shape) == r.shape, o
         np.testing.assert_allclose(got[o].numpy(), r, atol=1e-5, rtol=0, err_msg=o)
+
+
+def test_float_and_shape_values_are_told_apart():
+    """Shape arithmetic (Shape -> Slice -> Concat -> Reshape, Cast of a shape) is not float data: activation
+    quantizers and block boundaries must skip it (PP-OCR's SVTR neck reshapes this way)."""
+    i64 = np.int64
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Shape", ["r"], ["shp"]),
+        helper.make_node("Slice", ["shp", "st", "en"], ["lead"]),
+        helper.make_node("Concat", ["lead", "minus1"], ["tgt"], axis=0),
+        helper.make_node("Reshape", ["r", "tgt"], ["flat"]),
+        helper.make_node("Cast", ["lead"], ["leadf"], to=TensorProto.FLOAT),
+        helper.make_node("Dropout", ["flat"], ["d", "mask"]),
+    ]
+    inits = [_t("st", [0], i64), _t("en", [2], i64), _t("minus1", [-1], i64)]
+    g = helper.make_graph(nodes, "g", [_vi("x", [2, 3, 4])],
+                          [helper.make_tensor_value_info("d", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("leadf", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    mod = to_torch(m)
+    assert {v: mod.is_float(v) for v in ["x", "r", "shp", "lead", "tgt", "flat", "leadf", "d", "mask", "st"]} == {
+        "x": True, "r": True, "shp": False, "lead": False, "tgt": False, "flat": True, "leadf": True, "d": True,
+        "mask": False, "st": False}
+    with torch.no_grad():
+        got = mod.run({"x": np.ones((2, 3, 4), np.float32)}, ["d", "tgt"])
+    assert tuple(got["d"].shape) == (2, 3, 4) and not got["tgt"].is_floating_point()

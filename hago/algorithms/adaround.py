@@ -33,7 +33,10 @@ zero point shifted into the signed range).
 
 Activation steps (when activations are quantized) are learned afterwards with LSQ-style
 gradient descent on the step (the reference code: straight-through rounding, Adam, lr
-4e-4, cosine decay, ``lp_loss`` with p = 2.4), see :class:`ActQuantizer`.
+4e-4, cosine decay, ``lp_loss`` with p = 2.4), see :class:`ActQuantizer`; deviation: a
+step's rate is capped at 1 % of its initial value per iteration (Adam's update does not
+scale with the parameter, and a small step, e.g. 0.003 for attention probabilities, would
+be driven through 0 in a few iterations).
 
 torch is imported only inside the functions that need it (``pip install hago[train]``).
 """
@@ -372,7 +375,12 @@ def reconstruct(forward: Callable[[dict], dict], inputs: dict, targets: dict, *,
         sched = None
     else:
         params = list(act_params)
-        opt = torch.optim.Adam(params, lr=4e-4 if lr is None else lr)
+        base = 4e-4 if lr is None else lr
+        # Adam moves every parameter by about ``lr`` per iteration whatever its size: a step of 0.003
+        # (the softmax probabilities of an attention, 8 bits) reaches 0 in a few iterations and the
+        # quantizer then zeroes the tensor. Each step's rate is capped at 1 % of its initial value.
+        groups = [{"params": [q], "lr": min(base, 0.01 * float(q.detach().abs().max()))} for q in params]
+        opt = torch.optim.Adam(groups, lr=base)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iters, 1), eta_min=0.0)
     decay = LinearTempDecay(iters, rel_start=warmup, start_b=b_range[0], end_b=b_range[1])
     loss_start = iters * warmup

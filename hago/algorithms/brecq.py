@@ -17,23 +17,35 @@ What hago does, and where it follows the reference code:
   a residual ``Add``'s branches to the ``Add`` (and its ReLU) is one residual block, in
   a plain chain every layer is its own segment. Activation-only segments (ReLU, Clip)
   join the preceding layer, other weightless segments (pooling, Flatten) the following
-  one. ``granularity="layer"`` is AdaRound layer by layer: one block per Conv / Gemm /
+  one. Only per-sample float values count (shape arithmetic, ``Shape`` -> ``Slice`` ->
+  ``Reshape``, is recomputed inside the block that needs it). A segment whose cuts are hidden
+  by a long skip connection (PP-OCR's SVTR neck: its input is concatenated with its output,
+  around two transformer layers) is split at the cuts that ignore that skip, when a part
+  then holds a residual structure of its own: the neck gives one block per attention
+  (+ residual) and per MLP (+ residual); a ResNet block's body stays whole. A unit is a
+  ``"block"`` when it has several weights or a merge of a path through a layer with a path
+  around it (not a HardSwish's ``x * clip(x + 3)``). ``granularity="layer"`` is AdaRound layer by layer: one block per Conv / Gemm /
   MatMul with its following activation (the reference code's ``QuantModule`` with its
   ``activation_function``; a convolution that feeds a residual ``Add`` ends at its own
   output). ``blocks=[(inputs, outputs), ...]`` gives the blocks explicitly.
 * **Reconstruction data** (the reference code's ``asym=True``, its ``main_imagenet.py``
   default): each block's input is computed by the model whose previous blocks are
   already quantized (hard-rounded weights), its target is the fp32 model's block
-  output on the same calibration images. 1,024 calibration samples by default
+  output on the same calibration images. Both are computed incrementally: the values
+  live at the current point of the topological order are kept for all calibration
+  samples (one forward pass in all, not one per block). 1,024 calibration samples by default
   (``num_samples``), mini-batches of 32 drawn at random every iteration.
 * **Loss**: AdaRound's (see :mod:`hago.algorithms.adaround`), ``lam=0.01``, beta 20 -> 2,
   warm-up 0.2, Adam lr 1e-3 on the rounding variables. ``fisher=True`` weights the
   squared error by the squared gradient of the task loss w.r.t. the block output
   (diagonal Fisher): as in the reference code's ``save_grad_data``, the loss is the KL
   divergence between the output of the model quantized up to and including this block
-  and the fp32 output (cross-entropy on the labels instead when the calibration
-  batches carry ``"label"`` and ``fisher_loss="ce"``), gradients of batches of
-  ``batch_size`` samples, damped as ``|g| + 1``.
+  and the fp32 output (a distillation target: no labels needed), per prediction over the
+  output's last axis (the classes; per time step for a sequence output such as PP-OCR's
+  ``[N, T, 6625]``), taking the output as probabilities when the graph ends in a Softmax
+  (cross-entropy on the labels instead when the calibration batches carry ``"label"``
+  and ``fisher_loss="ce"``), gradients of batches of ``batch_size`` samples, damped as
+  ``|g| + 1``. Off by default (``fisher=False``: plain squared error of the block output).
 * **Activations** (``a_bits``): after all weights are reconstructed, every activation
   that enters a Conv / Gemm / MatMul or a residual ``Add`` / ``Sub`` / ``Mul`` / ``Concat``
   gets a per-tensor asymmetric ``a_bits`` fake-quantizer, initialised on 256 samples by the
@@ -173,7 +185,23 @@ def _node_label(mod, idx: int) -> str:
     return n.name or f"{n.op_type}#{idx}"
 
 
+def _is_data(mod, value: str) -> bool:
+    """Whether ``value`` is per-sample float data: a float value computed from the graph inputs through
+    float values. Shape arithmetic (integer, or float but computed from a ``Shape``) and values computed
+    from initializers alone are not: they have no sample axis and are never block boundaries."""
+    data = getattr(mod, "_brecq_data", None)
+    if data is None:
+        data = {v for v in mod.input_names if mod.is_float(v)}
+        for node in mod.nodes:
+            if any(v in data for v in node.input if v):
+                data.update(o for o in node.output if o and mod.is_float(o))
+        mod._brecq_data = data
+    return value in data
+
+
 def _boundary(mod, nodes: Sequence[int]) -> tuple[list[str], list[str]]:
+    """Values a node set reads from outside / produces for outside. Integer values (shape arithmetic)
+    are never outputs; :func:`_make_block` pulls their producers into the block instead of reading them."""
     inside = set(nodes)
     produced = {o for i in nodes for o in mod.nodes[i].output if o}
     inputs, outputs = [], []
@@ -184,7 +212,7 @@ def _boundary(mod, nodes: Sequence[int]) -> tuple[list[str], list[str]]:
     graph_out = set(mod.output_names)
     for i in sorted(nodes):
         for o in mod.nodes[i].output:
-            if not o:
+            if not o or not _is_data(mod, o):
                 continue
             used_outside = any(c not in inside for c in mod._consumers.get(o, []))
             if (used_outside or o in graph_out) and o not in outputs:
@@ -192,42 +220,156 @@ def _boundary(mod, nodes: Sequence[int]) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
+def _with_shape_sources(mod, nodes: Sequence[int]) -> list[int]:
+    """``nodes`` plus the producers of the integer (shape) values they read, back to float values.
+
+    A transformer block reshapes with ``Shape`` of a tensor computed before it; the block then
+    recomputes that shape from the (cached, per-sample) float tensor rather than reading the
+    integer value, which has no sample axis."""
+    out = set(nodes)
+    while True:
+        inputs, _ = _boundary(mod, sorted(out))
+        add = {mod._producer[v] for v in inputs if not _is_data(mod, v) and v in mod._producer}
+        if not add - out:
+            return sorted(out)
+        out |= add
+
+
+def _weighted_ancestors(mod, nodes: Sequence[int], weighted: dict[int, str], taint: set[str] = frozenset()):
+    """For every value produced in ``nodes``: (weighted nodes of ``nodes`` it depends on, whether it
+    depends on a value of ``taint``), following the data flow inside ``nodes`` only."""
+    info: dict[str, tuple[frozenset, bool]] = {}
+    for i in sorted(nodes):
+        node = mod.nodes[i]
+        ws, t = set(), False
+        for v in node.input:
+            if not v or mod.is_initializer(v):
+                continue
+            if v in info:
+                ws |= info[v][0]
+                t = t or info[v][1]
+            elif v in taint:
+                t = True
+        if i in weighted:
+            ws.add(i)
+        for o in node.output:
+            if o:
+                info[o] = (frozenset(ws), t)
+    return info
+
+
+def _merges(mod, nodes: Sequence[int], weighted: dict[int, str], taint: set[str] = frozenset()) -> bool:
+    """Whether a merge (Add / Sub / Mul / Concat of two float values) in ``nodes`` joins a path through
+    a weighted layer with a path around it (a residual or gating connection), ignoring merges that read
+    (through ``nodes``) a value of ``taint``. ``x * clip(x + 3) / 6`` (HardSwish) is no merge: both
+    operands come through the same layers."""
+    info = _weighted_ancestors(mod, nodes, weighted, taint)
+    for i in nodes:
+        node = mod.nodes[i]
+        if node.op_type not in MERGE_OPS:
+            continue
+        ops = [v for v in node.input if v and not mod.is_initializer(v) and _is_data(mod, v)]
+        if len(ops) < 2:
+            continue
+        sets = [info.get(v, (frozenset(), v in taint)) for v in ops]
+        if any(t for _, t in sets):
+            continue
+        if len({w for w, _ in sets}) > 1:
+            return True
+    return False
+
+
 def _make_block(mod, nodes: list[int], weighted: dict[int, str], name: str) -> Block:
-    nodes = sorted(nodes)
+    nodes = _with_shape_sources(mod, nodes)
     inputs, outputs = _boundary(mod, nodes)
     weights = [weighted[i] for i in nodes if i in weighted]
-    merges = any(mod.nodes[i].op_type in MERGE_OPS
-                 and sum(1 for v in mod.nodes[i].input if v and not mod.is_initializer(v)) >= 2 for i in nodes)
-    kind = "block" if (len(weights) > 1 or merges) else "layer"
+    if weights:  # outputs no weight of the block affects (a pooled skip passing through) are no targets
+        info = _weighted_ancestors(mod, nodes, weighted)
+        outputs = [o for o in outputs if info.get(o, (frozenset(), False))[0]] or outputs
+    kind = "block" if (len(weights) > 1 or _merges(mod, nodes, weighted)) else "layer"
     return Block(name=name, nodes=nodes, inputs=inputs, outputs=outputs, weights=weights, kind=kind)
 
 
-def _cut_segments(mod) -> list[list[int]]:
-    """Split the topological node list after every single-live-value cut."""
+def _last_uses(mod, data_only: bool) -> dict[str, int]:
+    """Float value -> index of its last reader. ``data_only``: only readers that compute float data
+    count (a ``Shape`` of a tensor does not keep it alive as a block boundary); otherwise a value
+    also lives as long as the integer values computed from it (they are recomputed from it)."""
     n = len(mod.nodes)
-    last_use: dict[str, int] = {}
-    for idx, node in enumerate(mod.nodes):
+    last: dict[str, int] = {}
+    for o in mod.output_names:
+        last[o] = n
+    for idx in range(n - 1, -1, -1):
+        node = mod.nodes[idx]
+        outs_float = any(o and _is_data(mod, o) for o in node.output)
+        reach = idx
+        if not outs_float:
+            if data_only:
+                continue
+            reach = max([idx] + [last.get(o, idx) for o in node.output if o])
         for v in node.input:
             if v and not mod.is_initializer(v):
-                last_use[v] = max(last_use.get(v, -1), idx)
-    for o in mod.output_names:
-        last_use[o] = n
-    live = {v for v in mod.input_names if v in last_use}
+                last[v] = max(last.get(v, -1), reach)
+    return {v: u for v, u in last.items() if _is_data(mod, v)}
+
+
+def _cut_segments(mod, nodes: Sequence[int] | None = None, ignore: set[str] = frozenset()) -> list[list[int]]:
+    """Split the topological node list (or the contiguous run ``nodes``) after every point where one
+    float value is live (``ignore``: values not counted)."""
+    n = len(mod.nodes)
+    nodes = list(range(n)) if nodes is None else sorted(nodes)
+    last_use = _last_uses(mod, data_only=True)
+    first = nodes[0]
+    live = {v for v, u in last_use.items() if u >= first and v not in ignore
+            and (mod._producer.get(v, -1) < first)}
     segments, cur = [], []
-    for idx, node in enumerate(mod.nodes):
+    for k, idx in enumerate(nodes):
+        node = mod.nodes[idx]
         cur.append(idx)
         for v in node.input:
             if v in live and last_use[v] == idx:
                 live.discard(v)
         for o in node.output:
-            if o and last_use.get(o, -1) > idx:
+            if o and last_use.get(o, -1) > idx and o not in ignore:
                 live.add(o)
-        if len(live) == 1 and idx < n - 1:
+        if len(live) == 1 and k < len(nodes) - 1:
             segments.append(cur)
             cur = []
     if cur:
         segments.append(cur)
     return segments
+
+
+def _split_long_skips(mod, seg: list[int], weighted: dict[int, str]) -> list[list[int]]:
+    """Split a segment whose only single-value cuts are hidden by a long skip connection.
+
+    ``skips``: float values the segment reads from before it that stay live up to or past its last
+    weighted layer (the shortcut of a residual block, or a skip around a whole stage, as the input of
+    PP-OCR's SVTR neck concatenated with its output). Ignoring them, the segment splits at its inner
+    single-value cuts; the split is kept only when an inner part holds a residual structure of its own
+    (a merge of a path through a layer with a path around it, not fed by the skip), as the transformer
+    layers inside the SVTR neck. A residual block's own body (conv, ReLU, conv) has no such inner
+    merge and stays one block."""
+    ws = [i for i in seg if i in weighted]
+    if len(ws) < 3:
+        return [seg]
+    last_use = _last_uses(mod, data_only=True)
+    start, last_w = seg[0], ws[-1]
+    inside = set(seg)
+    skips = set()
+    for i in seg:
+        for v in mod.nodes[i].input:
+            if v and not mod.is_initializer(v) and _is_data(mod, v) and mod._producer.get(v, -1) < start \
+                    and last_use.get(v, -1) >= last_w:
+                skips.add(v)
+    if not skips:
+        return [seg]
+    subs = _cut_segments(mod, seg, ignore=skips)
+    if sum(1 for s_ in subs if any(i in weighted for i in s_)) < 2:
+        return [seg]
+    if not any(_merges(mod, s_, weighted, taint=skips) for s_ in subs):
+        return [seg]
+    assert inside == {i for s_ in subs for i in s_}
+    return subs
 
 
 def find_blocks(model, granularity: str = "block", weight_names: Iterable[str] | None = None,
@@ -289,7 +431,8 @@ def _find_blocks(mod, granularity: str, weighted: dict[int, str], blocks) -> lis
         raise HagoError(f"granularity must be 'block' or 'layer', got {granularity!r}")
     groups: list[list[int]] = []
     pending: list[int] = []
-    for seg in _cut_segments(mod):
+    segs = [sub for seg in _cut_segments(mod) for sub in _split_long_skips(mod, seg, weighted)]
+    for seg in segs:
         has_w = any(i in weighted for i in seg)
         act_only = all(mod.nodes[i].op_type in ACT_OPS for i in seg)
         if has_w:
@@ -310,13 +453,14 @@ def _find_blocks(mod, granularity: str, weighted: dict[int, str], blocks) -> lis
 
 
 def act_values(model, weight_names: Iterable[str] | None = None) -> list[str]:
-    """Activation values that get a quantizer: inputs of Conv/Gemm/MatMul and of Add/Sub/Mul/Concat."""
+    """Activation values that get a quantizer: per-sample float inputs of Conv/Gemm/MatMul and of
+    Add/Sub/Mul/Concat (not the shape arithmetic a Concat may join)."""
     mod = to_torch(model) if isinstance(model, onnx.ModelProto) else model
     out: list[str] = []
     for node in mod.nodes:
         if node.op_type in WEIGHT_OPS or node.op_type in MERGE_OPS:
             for v in node.input:
-                if v and not mod.is_initializer(v) and v not in out:
+                if v and not mod.is_initializer(v) and _is_data(mod, v) and v not in out:
                     out.append(v)
     order = {v: i for i, v in enumerate(mod.value_names())}
     return sorted(out, key=lambda v: order.get(v, -1))
@@ -358,16 +502,75 @@ def _calib_arrays(calib, input_names: Sequence[str], num_samples: int):
     return arrays, lab
 
 
-def _collect(mod, X: dict, names: Sequence[str], *, quant: bool, pre_quant: bool = False, chunk: int = 256):
-    torch = require_torch()
-    n = next(iter(X.values())).shape[0]
-    parts: dict[str, list] = {k: [] for k in names}
-    with torch.no_grad(), mod.quantization(quant):
-        for s in range(0, n, chunk):
-            res = mod.run({k: v[s:s + chunk] for k, v in X.items()}, list(names), pre_quant=pre_quant)
-            for k in names:
-                parts[k].append(res[k].detach())
-    return {k: torch.cat(v) for k, v in parts.items()}
+class _Frontier:
+    """Calibration values of the model in one state (quantized or fp32), computed along the topological order.
+
+    Re-running the model from its inputs for every block costs a forward pass per block (quadratic in the
+    depth: minutes on PP-OCR). Instead the float values live at the current point of the order (the block
+    boundaries, long skips included) are kept for all calibration samples and every request runs only the
+    nodes after them. Values are stored before their own quantizer (``pre_quant``); the graph inputs are
+    always kept, so a value that was dropped can still be recomputed. ``invalidate`` drops what a changed
+    weight or activation quantizer affects."""
+
+    def __init__(self, mod, X: dict, quant: bool, chunk: int = 32):
+        self.mod, self.quant, self.chunk = mod, quant, int(chunk)
+        self.inputs = dict(X)
+        self.cache: dict[str, Any] = dict(X)
+        self.n = next(iter(X.values())).shape[0]
+        self.last_use = _last_uses(mod, data_only=False)
+        self.point = -1
+
+    def get(self, names: Sequence[str]) -> dict:
+        torch = require_torch()
+        missing = [v for v in dict.fromkeys(names) if v not in self.cache]
+        if missing:
+            parts: dict[str, list] = {k: [] for k in missing}
+            with torch.no_grad(), self.mod.quantization(self.quant):
+                for s_ in range(0, self.n, self.chunk):
+                    feeds = {k: v[s_:s_ + self.chunk] for k, v in self.cache.items()}
+                    res = self.mod.run_subgraph(feeds, missing, quantize_inputs=True, pre_quant=True)
+                    for k in missing:
+                        parts[k].append(res[k].detach())
+            self.cache.update({k: torch.cat(v) for k, v in parts.items()})
+        return {k: self.cache[k] for k in names}
+
+    def invalidate(self, nodes: Iterable[int]) -> None:
+        """Drop the outputs of ``nodes`` and everything computed from them."""
+        stack, seen = list(nodes), set()
+        while stack:
+            i = stack.pop()
+            if i in seen:
+                continue
+            seen.add(i)
+            for o in self.mod.nodes[i].output:
+                if o in self.cache and o not in self.inputs:
+                    del self.cache[o]
+                stack.extend(self.mod._consumers.get(o, []))
+
+    def advance(self, point: int) -> None:
+        """Keep (computing them) the float values live after node ``point``, drop the others."""
+        point = max(point, self.point)
+        self.point = point
+        live = [v for v, u in self.last_use.items() if u > point and self.mod._producer.get(v, -1) <= point
+                and v not in self.inputs]
+        self.get(live)  # from the values kept so far, before they are dropped
+        keep = set(live) | set(self.inputs)
+        for k in [k for k in self.cache if k not in keep]:
+            del self.cache[k]
+
+
+def _output_is_softmax(mod) -> bool:
+    """Whether the (first) graph output is a Softmax, possibly reshaped / transposed afterwards."""
+    v = mod.output_names[0]
+    while True:
+        node = mod.producer(v)
+        if node is None:
+            return False
+        if node.op_type == "Softmax":
+            return True
+        if node.op_type not in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"):
+            return False
+        v = node.input[0]
 
 
 def _fisher_grads(mod, X: dict, labels, block: Block, batch_size: int, loss: str, damping: float = 1.0):
@@ -375,6 +578,7 @@ def _fisher_grads(mod, X: dict, labels, block: Block, batch_size: int, loss: str
     import torch.nn.functional as F
     n = next(iter(X.values())).shape[0]
     parts: dict[str, list] = {k: [] for k in block.outputs}
+    probs = _output_is_softmax(mod)
     for s in range(0, n, batch_size):
         feeds = {k: v[s:s + batch_size] for k, v in X.items()}
         with torch.no_grad(), mod.quantization(False):
@@ -384,14 +588,15 @@ def _fisher_grads(mod, X: dict, labels, block: Block, batch_size: int, loss: str
         t = {k: v.detach().clone().requires_grad_(True) for k, v in bout.items()}
         with mod.quantization(True):
             q = mod.run_subgraph({**feeds, **t}, [mod.output_names[0]], quantize_inputs=True)[mod.output_names[0]]
-        if q.dim() != 2:
-            q, fpf = q.reshape(q.shape[0], -1), fp.reshape(fp.shape[0], -1)
-        else:
-            fpf = fp
         if loss == "ce" and labels is not None:
-            lv = F.cross_entropy(q, torch.as_tensor(labels[s:s + batch_size]).long())
-        else:
-            lv = F.kl_div(F.log_softmax(q, dim=1), F.softmax(fpf, dim=1), reduction="batchmean")
+            lv = F.cross_entropy(q.reshape(q.shape[0], -1), torch.as_tensor(labels[s:s + batch_size]).long())
+        else:  # KL(fp32 || quantized) per prediction over the last (class) axis, summed, / samples
+            c = q.shape[-1]
+            if probs:  # the output is already a softmax: its log, not a second softmax
+                logq, pf = torch.log(q.reshape(-1, c).clamp_min(1e-12)), fp.reshape(-1, c)
+            else:
+                logq, pf = F.log_softmax(q.reshape(-1, c), dim=1), F.softmax(fp.reshape(-1, c), dim=1)
+            lv = F.kl_div(logq, pf, reduction="sum") / q.shape[0]
         gs = torch.autograd.grad(lv, list(t.values()), allow_unused=True)
         for k, g in zip(t, gs):
             parts[k].append(torch.zeros_like(t[k]) if g is None else g.detach())
@@ -559,6 +764,7 @@ def _brecq(model, calib, *, w_bits, a_bits, per_channel, granularity, blocks, it
                       blocks=units)
     first = _weighted(mod, None)[0][1]
     done: set[str] = set()
+    qf, ff = _Frontier(mod, X, quant=True), _Frontier(mod, X, quant=False)
     for bi, b in enumerate(units):
         names = [w for w in b.weights if w in confs and w not in done]
         if not names:
@@ -570,11 +776,13 @@ def _brecq(model, calib, *, w_bits, a_bits, per_channel, granularity, blocks, it
             q, _ = quantize_nearest(mod.initializer(first).detach().numpy(), c.scale, c.zero_point, c.bits, c.axis)
             mod.set_quantizer(first, fixed_quantizer(_store(res, c, q)))
             done.add(first)
+            qf.invalidate(mod._consumers.get(first, []))
             entry["skipped"] = "first layer at 8 bits, rounded to nearest (as the reference code)"
             res.log.append(entry)
             continue
-        qin = _collect(mod, X, b.inputs, quant=True)
-        fout = _collect(mod, X, b.outputs, quant=False)
+        qin = qf.get(b.inputs)
+        fout = ff.get(b.outputs)
+        wnodes = [i for w in names for i in mod._consumers.get(w, [])]
         with torch.no_grad():
             for w in names:
                 c = confs[w]
@@ -603,6 +811,10 @@ def _brecq(model, calib, *, w_bits, a_bits, per_channel, granularity, blocks, it
                 done.add(w)
             out1 = mod.run_subgraph(qin, b.outputs)
             final_err = sum(float(((out1[k] - fout[k]) ** 2).mean()) for k in b.outputs)
+        del qin, fout, out0, out1
+        qf.invalidate(wnodes)
+        qf.advance(max(b.nodes))
+        ff.advance(max(b.nodes))
         entry.update(rtn_mse=rtn_err, mse=final_err, first_rec=rl.first_rec, last_rec=rl.last_rec,
                      seconds=rl.seconds, history=rl.history)
         res.log.append(entry)
@@ -616,14 +828,15 @@ def _brecq(model, calib, *, w_bits, a_bits, per_channel, granularity, blocks, it
             res.log.append({"weight": w, "note": "in no block: rounded to nearest"})
     if a_bits is not None:
         aqs = _install_acts(mod, X, a_bits, first_last_8bit, act_p, n_act_init)
+        qf, ff = _Frontier(mod, X, quant=True), _Frontier(mod, X, quant=False)
         owned: set[str] = set()
         for bi, b in enumerate(units):
             consumed = [v for v in aqs if v not in owned and any(v in mod.nodes[i].input for i in b.nodes)]
             if not consumed or iters_a < 1:
                 continue
             owned.update(consumed)
-            qin = _collect(mod, X, b.inputs, quant=True, pre_quant=True)
-            fout = _collect(mod, X, b.outputs, quant=False)
+            qin = qf.get(b.inputs)
+            fout = ff.get(b.outputs)
 
             def afwd(batch, _outs=tuple(b.outputs)):
                 return mod.run_subgraph(batch, _outs, quantize_inputs=True)
@@ -634,6 +847,10 @@ def _brecq(model, calib, *, w_bits, a_bits, per_channel, granularity, blocks, it
             with torch.no_grad():
                 for v in consumed:
                     aqs[v].delta.clamp_(min=1e-8)
+            del qin, fout
+            qf.invalidate([i for v in consumed for i in mod._consumers.get(v, [])])
+            qf.advance(max(b.nodes))
+            ff.advance(max(b.nodes))
             res.log.append({"block": b.name, "act_values": consumed, "first_rec": rl.first_rec,
                             "last_rec": rl.last_rec, "seconds": rl.seconds})
             if verbose:
