@@ -6,7 +6,7 @@
     python bench/bench_brecq.py --model mnist_cnn --wbits 2
     python bench/bench_brecq.py --model ppocr_rec --wbits 4 --iters 100 --iters-a 20   # see "PP-OCRv4" below
     options: --iters 600 --iters-a 100 --lr 1e-3 --calib 1024 --batch-size 32 --n-act-init 256
-             --methods rtn,adaround,brecq --json out.json  (MNIST defaults; ppocr_rec: 200, 40, 1e-2, 64, 4, 32)
+             --methods rtn,adaround,brecq --json out.json  (MNIST defaults; ppocr_rec: 100, 20, 1e-2, 64, 4, 32)
 
 Per-channel symmetric weights at ``--wbits`` (first and last layer at 8 bits, as the reference
 code), activations 8-bit per-tensor asymmetric (fake-quantized in torch, every activation
@@ -169,7 +169,7 @@ class OcrTask:
 # per-model defaults (an option given on the command line wins)
 DEFAULTS = {
     "mnist": dict(iters=600, iters_a=100, lr=1e-3, calib=1024, batch_size=32, n_act_init=256),
-    "ppocr_rec": dict(iters=200, iters_a=40, lr=1e-2, calib=64, batch_size=4, n_act_init=32),
+    "ppocr_rec": dict(iters=100, iters_a=20, lr=1e-2, calib=64, batch_size=4, n_act_init=32),
 }
 
 

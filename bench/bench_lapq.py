@@ -185,10 +185,7 @@ def end_overrides(g, bits: int) -> dict:
     constant weight to ``bits`` (the reference code leaves those two layers unquantized)."""
     weighted = [n for n in g.nodes() if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.inputs) > 1
                 and n.inputs[1] is not None and n.inputs[1].const_value is not None]
-    if not weighted:
-        return {}
-    return {v.name: {"bits": bits} for n in {weighted[0].name: weighted[0], weighted[-1].name: weighted[-1]}.values()
-            for v in n.inputs[:2]}
+    return {v.name: {"bits": bits} for n in weighted[:1] + weighted[-1:] for v in n.inputs[:2]}
 
 
 def run_ocr(a) -> dict:
@@ -197,12 +194,8 @@ def run_ocr(a) -> dict:
     g = hago.load(ocr.model_path())
     inp = g.input_names[0]
     images, texts = ocr.dataset(n=a.ocr_lines, seed=0)
-    xc, texts_c = ocr.dataset(a.ocr_calib, seed=1)  # the lines of ocr.calib_batches, with their texts
-    calib = [{inp: xc[i:i + 8], "label": np.arange(i, min(i + 8, len(xc)))} for i in range(0, len(xc), 8)]
-    labels_c = ocr.encode(texts_c, ocr.charset())
-
-    def ctc(outputs, lab, ref):  # the batches carry line indices as labels
-        return ocr.ctc_loss(outputs[0], [labels_c[int(i)] for i in lab])
+    calib, ctc = ocr.ctc_calibration(a.ocr_calib, seed=1, name=inp)
+    xc = np.concatenate([b[inp] for b in calib])
 
     fp = rt.session(g.to_onnx())
     ref_c = fp.run(None, {inp: xc})
@@ -217,16 +210,14 @@ def run_ocr(a) -> dict:
                                  for k, i in enumerate(range(0, len(images), 16))]))
         return {"acc": ocr.char_accuracy(pred, texts), "agree": ocr.char_accuracy(pred, fp_pred),
                 "test_loss": test_kl, "calib_kl": kl_probs(out_c := qg.run({inp: xc}), None, ref_c),
-                "calib_ctc": ctc(out_c, np.arange(len(xc)), None),
-                "calib_loss": (ctc if a.ocr_loss == "ctc" else kl_probs)(out_c, np.arange(len(xc)), ref_c)}
+                "calib_ctc": ctc(out_c, np.arange(len(xc)))}
 
     out = {"model": "ppocr_rec", "calib_samples": a.ocr_calib, "test_lines": a.ocr_lines, "bcw": a.bcw,
            "maxiter": a.maxiter, "maxfev": a.ocr_maxfev, "edges": a.ocr_edges, "powell_top": a.ocr_powell_top,
            "bits": [a.ocr_wbits, a.ocr_abits], "per_channel": a.ocr_per_channel, "ends": a.ocr_ends,
            "loss": a.ocr_loss,
            "fp32": {"acc": ocr.char_accuracy(fp_pred, texts), "agree": 1.0, "test_loss": 0.0, "calib_kl": 0.0,
-                    "calib_ctc": ctc(ref_c, np.arange(len(xc)), None)}}
-    out["fp32"]["calib_loss"] = out["fp32"]["calib_ctc"] if a.ocr_loss == "ctc" else 0.0
+                    "calib_ctc": ctc(ref_c, np.arange(len(xc)))}}
     kw = dict(per_channel=a.ocr_per_channel, weight_bits=a.ocr_wbits, activation_bits=a.ocr_abits, sparq=None,
               overrides=end_overrides(g, a.ocr_ends) if a.ocr_ends else None)
     for label, m in (("minmax", "minmax"), ("mse", "mse")):

@@ -60,8 +60,53 @@ METHODS = (("second_order", "second_order", True), ("second_order paper", "secon
            ("hessian", "hessian", True))
 
 
-def run_model(name: str, n_calib: int, candidates) -> dict:
+def compare(out: dict, g, calib, calib_loss, accuracy, candidates, methods, *, loss=None, hessian=True,
+            verbose=False) -> dict:
+    """Fill ``out`` (which holds ``fp32``) with all-8 / all-4-bit and each method's selection.
+
+    ``calib_loss(qg)``: a QuantizedGraph's loss on the calibration set; ``accuracy(qg)``: its held-out
+    accuracy; ``loss``: the loss ``select_precision`` minimises (None: CE with the batches' labels)."""
     from hago.calibrate import activation_edges, collect_stats
+
+    name, inp = out["model"], g.input_names[0]
+    t0 = time.perf_counter()
+    qg = hago.quantize(g, SPEC, calib, method="mse", weight_method="mse", sparq=None)
+    obs = collect_stats(qg.graph, [{inp: b[inp]} for b in calib], [v.name for v, _ in activation_edges(qg.graph)],
+                        histogram=True)
+    out["setup_s"] = time.perf_counter() - t0
+    for bits in (8, 4):
+        q = hago.quantize(g, SPEC, calib, method="mse", weight_method="mse", sparq=None, activation_bits=bits,
+                          weight_bits=bits)
+        out[f"all{bits}"] = {"acc": accuracy(q), "calib_loss": calib_loss(q)}
+        print(f"  {name} all {bits}-bit: {out[f'all{bits}']}", file=sys.stderr, flush=True)
+    first = None
+    best_loss = out["all8"]["calib_loss"]
+    for m, method, refine in METHODS:
+        if m not in methods:
+            continue
+        t0 = time.perf_counter()
+        r = select_precision(qg, None, calib, candidates=candidates, method=method, observers=obs, loss=loss,
+                             hessian=hessian and first is None, reuse=first, refine=refine, verbose=verbose)
+        dt = time.perf_counter() - t0
+        if first is None:
+            first = r
+            out["sensitivity_evals"] = r.evals
+            out["lowest_delta_layout_loss"] = r.min_loss
+            out["units"] = len(r.unit_bits)
+        out[m] = {"calib_loss": r.quant_loss, "feasible": r.feasible, "fallback": r.fallback,
+                  "avg_bits": r.avg_bits, "acc": accuracy(r.apply()), "evals": r.evals, "seconds": dt,
+                  "predicted_delta": r.predicted_delta, "unit_bits": {k: str(v) for k, v in r.unit_bits.items()}}
+        print(f"  {name} {m}: {({k: v for k, v in out[m].items() if k != 'unit_bits'})}", file=sys.stderr,
+              flush=True)
+        best_loss = min(best_loss, r.quant_loss, r.min_loss)
+    out["best_measured_loss"] = best_loss
+    out["improvement_available"] = out["fp32"]["calib_loss"] - best_loss
+    out["improvement_available_rel"] = out["improvement_available"] / out["fp32"]["calib_loss"]
+    out["report"] = first.report()
+    return out
+
+
+def run_model(name: str, n_calib: int, candidates, verbose=False) -> dict:
     from hago.examples import datasets
     from hago.pipeline import evaluate
 
@@ -76,96 +121,26 @@ def run_model(name: str, n_calib: int, candidates) -> dict:
     out = {"model": name, "calib_samples": n_calib,
            "fp32": {"acc": evaluate(lambda f: fp.run(None, f), test),
                     "calib_loss": cross_entropy(fp.run(None, {inp: xc}), yc, None)}}
-    t0 = time.perf_counter()
-    qg = hago.quantize(g, SPEC, calib, method="mse", weight_method="mse", sparq=None)
-    obs = collect_stats(qg.graph, [{inp: b[inp]} for b in calib], [v.name for v, _ in activation_edges(qg.graph)],
-                        histogram=True)
-    out["setup_s"] = time.perf_counter() - t0
-    for bits in (8, 4):
-        q = hago.quantize(g, SPEC, calib, method="mse", weight_method="mse", sparq=None, activation_bits=bits,
-                          weight_bits=bits)
-        out[f"all{bits}"] = {"acc": q.evaluate(test), "calib_loss": cross_entropy(q.run({inp: xc}), yc, None)}
-    first = None
-    best_loss = out["all8"]["calib_loss"]
-    for m, method, refine in METHODS:
-        t0 = time.perf_counter()
-        r = select_precision(qg, None, calib, candidates=candidates, method=method, observers=obs,
-                             hessian=first is None, reuse=first, refine=refine)
-        dt = time.perf_counter() - t0
-        if first is None:
-            first = r
-            out["sensitivity_evals"] = r.evals
-            out["lowest_delta_layout_loss"] = r.min_loss
-            out["units"] = len(r.unit_bits)
-        q = r.apply()
-        out[m] = {"calib_loss": r.quant_loss, "feasible": r.feasible, "fallback": r.fallback,
-                  "avg_bits": r.avg_bits, "acc": q.evaluate(test), "evals": r.evals, "seconds": dt,
-                  "predicted_delta": r.predicted_delta, "unit_bits": {k: str(v) for k, v in r.unit_bits.items()}}
-        best_loss = min(best_loss, r.quant_loss, r.min_loss)
-    out["best_measured_loss"] = best_loss
-    out["improvement_available"] = out["fp32"]["calib_loss"] - best_loss
-    out["improvement_available_rel"] = out["improvement_available"] / out["fp32"]["calib_loss"]
-    out["report"] = first.report()
-    return out
+    return compare(out, g, calib, lambda q: cross_entropy(q.run({inp: xc}), yc, None), lambda q: q.evaluate(test),
+                   candidates, [m for m, _, _ in METHODS], verbose=verbose)
 
 
-def run_ocr(n_calib: int, n_lines: int, candidates, methods) -> dict:
-    from hago.calibrate import activation_edges, collect_stats
+def run_ocr(n_calib: int, n_lines: int, candidates, methods, verbose=False) -> dict:
     from hago.examples import ocr
 
     g = hago.load(ocr.model_path())
     inp = g.input_names[0]
-    chars = ocr.charset()
-    xc, texts_c = ocr.dataset(n_calib, seed=1)
-    labels = ocr.encode(texts_c, chars)
-    calib = [{inp: xc[i:i + 8], "label": np.arange(i, min(i + 8, n_calib))} for i in range(0, n_calib, 8)]
+    calib, ctc = ocr.ctc_calibration(n_calib, seed=1, name=inp)
+    xc, idx = np.concatenate([b[inp] for b in calib]), np.arange(n_calib)
     images, texts = ocr.dataset(n_lines, seed=0)
-
-    def ctc(outputs, lab, ref):  # the calibration batches carry line indices as labels
-        return ocr.ctc_loss(outputs[0], [labels[int(i)] for i in lab])
 
     def acc(model):
         return ocr.char_accuracy(ocr.predict(model, images, optimize="basic"), texts)
 
-    fp = rt.session(g.to_onnx())
-    idx = np.arange(n_calib)
     out = {"model": "ppocr_rec", "calib_samples": n_calib, "test_lines": n_lines,
-           "fp32": {"acc": acc(g.to_onnx()), "calib_loss": ctc(fp.run(None, {inp: xc}), idx, None)}}
-    t0 = time.perf_counter()
-    qg = hago.quantize(g, SPEC, calib, method="mse", weight_method="mse", sparq=None)
-    obs = collect_stats(qg.graph, [{inp: b[inp]} for b in calib], [v.name for v, _ in activation_edges(qg.graph)],
-                        histogram=True)
-    out["setup_s"] = time.perf_counter() - t0
-    for bits in (8, 4):
-        q = hago.quantize(g, SPEC, calib, method="mse", weight_method="mse", sparq=None, activation_bits=bits,
-                          weight_bits=bits)
-        out[f"all{bits}"] = {"acc": acc(q.to_qdq()), "calib_loss": ctc(q.run({inp: xc}), idx, None)}
-        print(f"  ppocr_rec all {bits}-bit: {out[f'all{bits}']}", file=sys.stderr, flush=True)
-    first = None
-    best_loss = out["all8"]["calib_loss"]
-    for m, method, refine in METHODS:
-        if m not in methods:
-            continue
-        t0 = time.perf_counter()
-        r = select_precision(qg, None, calib, candidates=candidates, method=method, observers=obs, loss=ctc,
-                             reuse=first, refine=refine)
-        dt = time.perf_counter() - t0
-        if first is None:
-            first = r
-            out["sensitivity_evals"] = r.evals
-            out["lowest_delta_layout_loss"] = r.min_loss
-            out["units"] = len(r.unit_bits)
-        out[m] = {"calib_loss": r.quant_loss, "feasible": r.feasible, "fallback": r.fallback,
-                  "avg_bits": r.avg_bits, "acc": acc(r.apply().to_qdq()), "evals": r.evals, "seconds": dt,
-                  "predicted_delta": r.predicted_delta, "unit_bits": {k: str(v) for k, v in r.unit_bits.items()}}
-        print(f"  ppocr_rec {m}: {({k: v for k, v in out[m].items() if k != 'unit_bits'})}", file=sys.stderr,
-              flush=True)
-        best_loss = min(best_loss, r.quant_loss, r.min_loss)
-    out["best_measured_loss"] = best_loss
-    out["improvement_available"] = out["fp32"]["calib_loss"] - best_loss
-    out["improvement_available_rel"] = out["improvement_available"] / out["fp32"]["calib_loss"]
-    out["report"] = first.report()
-    return out
+           "fp32": {"acc": acc(g.to_onnx()), "calib_loss": ctc(rt.session(g.to_onnx()).run(None, {inp: xc}), idx)}}
+    return compare(out, g, calib, lambda q: ctc(q.run({inp: xc}), idx), lambda q: acc(q.to_qdq()), candidates,
+                   methods, loss=ctc, hessian=False, verbose=verbose)
 
 
 def main():
@@ -178,7 +153,9 @@ def main():
     ap.add_argument("--ocr-lines", type=int, default=150, help="ppocr_rec: rendered test lines")
     ap.add_argument("--ocr-methods", default="second_order,input_error",
                     help="ppocr_rec: which of the methods to run (" + ", ".join(m for m, _, _ in METHODS) + ")")
-    ap.add_argument("--verbose", action="store_true", help="print the per-layer sensitivity table")
+    ap.add_argument("--verbose", action="store_true",
+                    help="print the number of layer inputs and sensitivity evaluations, each layer's sensitivities as "
+                         "they are measured, and the per-layer sensitivity table")
     a = ap.parse_args()
     cands = tuple(int(b) for b in a.candidates.split(","))
     t_all = time.perf_counter()
@@ -190,9 +167,9 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for name in a.models.split(","):
         if name == "ppocr_rec":
-            r = run_ocr(a.ocr_calib, a.ocr_lines, cands, a.ocr_methods.split(","))
+            r = run_ocr(a.ocr_calib, a.ocr_lines, cands, a.ocr_methods.split(","), a.verbose)
         else:
-            r = run_model(name, a.calib, cands)
+            r = run_model(name, a.calib, cands, a.verbose)
         rows.append(r)
         f = r["fp32"]
         for key, label in (("all8", "all 8-bit"), ("all4", "all 4-bit")):

@@ -190,3 +190,20 @@ def test_encode_round_trips_and_names_missing_characters():
     assert [list(x) for x in ocr.encode(["ab a"], chars)] == [[1, 2, 3, 1]]
     with pytest.raises(ocr.OCRDataError, match="'z'"):
         ocr.encode(["az"], chars)
+
+
+def test_ctc_calibration_labels_the_calib_lines(model):
+    """The batches are calib_batches' lines with their line indices; the loss is CTC against those lines' texts,
+    low for the fp32 model's own reading and high for a uniform output."""
+    batches, loss = ocr.ctc_calibration(4, batch_size=3)
+    ref = list(ocr.calib_batches(4, batch_size=3))
+    assert [list(b["label"]) for b in batches] == [[0, 1, 2], [3]]
+    for b, r in zip(batches, ref):
+        np.testing.assert_array_equal(b["x"], r["x"])
+    x = np.concatenate([b["x"] for b in batches])
+    import onnxruntime as ort
+    probs = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    _, texts = ocr.dataset(4, seed=1)
+    want = ocr.ctc_loss(probs, ocr.encode(texts, ocr.charset(model)))
+    assert loss([probs], np.arange(4)) == pytest.approx(want)
+    assert want < 5.0 < loss([np.full_like(probs, 1.0 / probs.shape[-1])], np.arange(4))

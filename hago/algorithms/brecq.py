@@ -185,20 +185,6 @@ def _node_label(mod, idx: int) -> str:
     return n.name or f"{n.op_type}#{idx}"
 
 
-def _is_data(mod, value: str) -> bool:
-    """Whether ``value`` is per-sample float data: a float value computed from the graph inputs through
-    float values. Shape arithmetic (integer, or float but computed from a ``Shape``) and values computed
-    from initializers alone are not: they have no sample axis and are never block boundaries."""
-    data = getattr(mod, "_brecq_data", None)
-    if data is None:
-        data = {v for v in mod.input_names if mod.is_float(v)}
-        for node in mod.nodes:
-            if any(v in data for v in node.input if v):
-                data.update(o for o in node.output if o and mod.is_float(o))
-        mod._brecq_data = data
-    return value in data
-
-
 def _boundary(mod, nodes: Sequence[int]) -> tuple[list[str], list[str]]:
     """Values a node set reads from outside / produces for outside. Integer values (shape arithmetic)
     are never outputs; :func:`_make_block` pulls their producers into the block instead of reading them."""
@@ -212,7 +198,7 @@ def _boundary(mod, nodes: Sequence[int]) -> tuple[list[str], list[str]]:
     graph_out = set(mod.output_names)
     for i in sorted(nodes):
         for o in mod.nodes[i].output:
-            if not o or not _is_data(mod, o):
+            if not o or not mod.is_data(o):
                 continue
             used_outside = any(c not in inside for c in mod._consumers.get(o, []))
             if (used_outside or o in graph_out) and o not in outputs:
@@ -229,7 +215,7 @@ def _with_shape_sources(mod, nodes: Sequence[int]) -> list[int]:
     out = set(nodes)
     while True:
         inputs, _ = _boundary(mod, sorted(out))
-        add = {mod._producer[v] for v in inputs if not _is_data(mod, v) and v in mod._producer}
+        add = {mod._producer[v] for v in inputs if not mod.is_data(v) and v in mod._producer}
         if not add - out:
             return sorted(out)
         out |= add
@@ -268,7 +254,7 @@ def _merges(mod, nodes: Sequence[int], weighted: dict[int, str], taint: set[str]
         node = mod.nodes[i]
         if node.op_type not in MERGE_OPS:
             continue
-        ops = [v for v in node.input if v and not mod.is_initializer(v) and _is_data(mod, v)]
+        ops = [v for v in node.input if v and not mod.is_initializer(v) and mod.is_data(v)]
         if len(ops) < 2:
             continue
         sets = [info.get(v, (frozenset(), v in taint)) for v in ops]
@@ -300,7 +286,7 @@ def _last_uses(mod, data_only: bool) -> dict[str, int]:
         last[o] = n
     for idx in range(n - 1, -1, -1):
         node = mod.nodes[idx]
-        outs_float = any(o and _is_data(mod, o) for o in node.output)
+        outs_float = any(o and mod.is_data(o) for o in node.output)
         reach = idx
         if not outs_float:
             if data_only:
@@ -309,7 +295,7 @@ def _last_uses(mod, data_only: bool) -> dict[str, int]:
         for v in node.input:
             if v and not mod.is_initializer(v):
                 last[v] = max(last.get(v, -1), reach)
-    return {v: u for v, u in last.items() if _is_data(mod, v)}
+    return {v: u for v, u in last.items() if mod.is_data(v)}
 
 
 def _cut_segments(mod, nodes: Sequence[int] | None = None, ignore: set[str] = frozenset()) -> list[list[int]]:
@@ -358,7 +344,7 @@ def _split_long_skips(mod, seg: list[int], weighted: dict[int, str]) -> list[lis
     skips = set()
     for i in seg:
         for v in mod.nodes[i].input:
-            if v and not mod.is_initializer(v) and _is_data(mod, v) and mod._producer.get(v, -1) < start \
+            if v and not mod.is_initializer(v) and mod.is_data(v) and mod._producer.get(v, -1) < start \
                     and last_use.get(v, -1) >= last_w:
                 skips.add(v)
     if not skips:
@@ -460,7 +446,7 @@ def act_values(model, weight_names: Iterable[str] | None = None) -> list[str]:
     for node in mod.nodes:
         if node.op_type in WEIGHT_OPS or node.op_type in MERGE_OPS:
             for v in node.input:
-                if v and not mod.is_initializer(v) and _is_data(mod, v) and v not in out:
+                if v and not mod.is_initializer(v) and mod.is_data(v) and v not in out:
                     out.append(v)
     order = {v: i for i, v in enumerate(mod.value_names())}
     return sorted(out, key=lambda v: order.get(v, -1))

@@ -406,6 +406,10 @@ def select_precision(graph_or_qg, spec=None, calib: Iterable[dict] | None = None
             raise HagoError("select_precision(method='hessian', reuse=...): the previous result was measured without "
                             "hessian=True")
         sens = {u: {k: dict(v) for k, v in d.items()} for u, d in reuse.sensitivities.items()}
+    if verbose and reuse is None:
+        n_opts = sum(1 for u in units for o in u.options if o.key != FLOAT)
+        print(f"mixed precision: {len(units)} layer inputs ({sum(1 for u in units if u.weights)} with weights), "
+              f"{n_opts} quantized options: {2 * n_opts} loss evaluations for the sensitivities")
     for u in units if reuse is None else ():
         sens[u.name] = {}
         x = act_of[u.name]

@@ -118,36 +118,18 @@ def _topo_sort(graph: onnx.GraphProto, known: set[str]) -> list[onnx.NodeProto]:
 _MODULE_CLASS = None
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
-# Ops whose output has the element type of their first input (data movement, elementwise arithmetic).
-_SAME_TYPE_OPS = {"Identity", "Dropout", "Reshape", "Transpose", "Concat", "Squeeze", "Unsqueeze", "Slice", "Gather",
-                  "Flatten", "Add", "Sub", "Mul", "Div", "Pow", "Relu", "Clip", "MaxPool"}
 
 
-def _float_values(graph, nodes, attrs, init_arrays: dict, input_names) -> dict[str, bool]:
-    """value name -> whether it is floating point, propagated in topological order.
-
-    Graph inputs and initializers by their declared type, ``Shape`` gives int64, ``Cast`` its ``to``,
-    data-movement and elementwise ops the type of their first operand, every other op float. Activation
-    quantizers must skip the integer values (shape arithmetic of reshapes in transformer blocks)."""
-    out: dict[str, bool] = {}
-    for name, arr in init_arrays.items():
-        out[name] = bool(np.issubdtype(np.asarray(arr).dtype, np.floating))
-    for vi in graph.input:
-        if vi.name in input_names:
-            et = vi.type.tensor_type.elem_type
-            out[vi.name] = et in _FLOAT_TYPES or et == TensorProto.UNDEFINED
-    for n, a in zip(nodes, attrs):
-        if n.op_type == "Shape":
-            f = False
-        elif n.op_type == "Cast":
-            f = int(a["to"]) in _FLOAT_TYPES
-        elif n.op_type in _SAME_TYPE_OPS and n.input and n.input[0]:
-            f = out.get(n.input[0], True)
-        else:
-            f = True
-        for k, o in enumerate(n.output):
-            if o:
-                out[o] = f if k == 0 else (n.op_type not in ("Dropout", "MaxPool"))  # mask / indices
+def _float_values(model: onnx.ModelProto) -> dict[str, bool]:
+    """value name -> whether it is floating point, from onnx's type inference (values it cannot type are left
+    out and count as float). Activation quantizers must skip the integer values (shape arithmetic of
+    reshapes in transformer blocks)."""
+    g = onnx.shape_inference.infer_shapes(model).graph
+    out = {t.name: t.data_type in _FLOAT_TYPES for t in g.initializer}
+    for vi in (*g.input, *g.value_info, *g.output):
+        et = vi.type.tensor_type.elem_type
+        if et != TensorProto.UNDEFINED:
+            out[vi.name] = et in _FLOAT_TYPES
     return out
 
 
@@ -279,7 +261,12 @@ def _define_module():
                 for i in n.input:
                     if i:
                         self._consumers.setdefault(i, []).append(idx)
-            self._float = _float_values(g, self.nodes, self._attrs, init_arrays, self.input_names)
+            self._float = _float_values(model)
+            # per-sample data: float values computed from the graph inputs through float values
+            self._data = {v for v in self.input_names if self.is_float(v)}
+            for n in self.nodes:
+                if any(v in self._data for v in n.input if v):
+                    self._data.update(o for o in n.output if o and self.is_float(o))
             self._quantizers: dict[str, Callable] = {}
             self._qmods = nn.ModuleDict()
             self._qkey: dict[str, str] = {}
@@ -318,6 +305,12 @@ def _define_module():
             """Whether ``value`` holds floating-point data (False for shape arithmetic: Shape, integer
             Cast and what is computed from them), from the graph's declared and propagated element types."""
             return self._float.get(value, True)
+
+        def is_data(self, value: str) -> bool:
+            """Whether ``value`` is per-sample float data: computed from the graph inputs through float values.
+            Shape arithmetic (integer, or float computed from a ``Shape``) and values computed from
+            initializers alone are not: they have no sample axis."""
+            return value in self._data
 
         def producer(self, value: str):
             """The node (onnx.NodeProto) that produces ``value``, or None (graph input, initializer)."""

@@ -400,6 +400,24 @@ def calib_batches(n: int = 32, seed: int = 1, batch_size: int = 8, height: int =
         yield {name: images[i:i + batch_size]}
 
 
+def ctc_calibration(n: int = 32, seed: int = 1, batch_size: int = 8, name: str | None = None):
+    """The lines of :func:`calib_batches` with a task loss: ``(batches, loss)``.
+
+    Each batch also carries ``"label"``, the indices of its lines; ``loss(outputs, labels, ref)`` (the loss
+    signature of hago's LAPQ and mixed precision) is :func:`ctc_loss` of the first output against those
+    lines' texts."""
+    images, texts = dataset(n, seed=seed)
+    name = name or input_name()
+    codes = encode(texts, charset())
+    batches = [{name: images[i:i + batch_size], "label": np.arange(i, min(i + batch_size, n))}
+               for i in range(0, n, batch_size)]
+
+    def loss(outputs, labels, ref=None) -> float:
+        return ctc_loss(outputs[0], [codes[int(i)] for i in labels])
+
+    return batches, loss
+
+
 # ----------------------------------------------------------------- evaluation
 def predict(model, images: np.ndarray, batch_size: int = 16, threads: int | None = None,
             chars: Sequence[str] | None = None, strip: bool = True, optimize=True) -> list[str]:
