@@ -61,7 +61,7 @@ METHODS = (("second_order", "second_order", True), ("second_order paper", "secon
 
 
 def compare(out: dict, g, calib, calib_loss, accuracy, candidates, methods, *, loss=None, hessian=True,
-            verbose=False) -> dict:
+            units="all", verbose=False) -> dict:
     """Fill ``out`` (which holds ``fp32``) with all-8 / all-4-bit and each method's selection.
 
     ``calib_loss(qg)``: a QuantizedGraph's loss on the calibration set; ``accuracy(qg)``: its held-out
@@ -86,13 +86,15 @@ def compare(out: dict, g, calib, calib_loss, accuracy, candidates, methods, *, l
             continue
         t0 = time.perf_counter()
         r = select_precision(qg, None, calib, candidates=candidates, method=method, observers=obs, loss=loss,
-                             hessian=hessian and first is None, reuse=first, refine=refine, verbose=verbose)
+                             hessian=hessian and first is None, reuse=first, refine=refine, units=units,
+                             verbose=verbose)
         dt = time.perf_counter() - t0
         if first is None:
             first = r
             out["sensitivity_evals"] = r.evals
             out["lowest_delta_layout_loss"] = r.min_loss
             out["units"] = len(r.unit_bits)
+            out["unit_kind"] = units
         out[m] = {"calib_loss": r.quant_loss, "feasible": r.feasible, "fallback": r.fallback,
                   "avg_bits": r.avg_bits, "acc": accuracy(r.apply()), "evals": r.evals, "seconds": dt,
                   "predicted_delta": r.predicted_delta, "unit_bits": {k: str(v) for k, v in r.unit_bits.items()}}
@@ -106,7 +108,7 @@ def compare(out: dict, g, calib, calib_loss, accuracy, candidates, methods, *, l
     return out
 
 
-def run_model(name: str, n_calib: int, candidates, verbose=False) -> dict:
+def run_model(name: str, n_calib: int, candidates, units="all", verbose=False) -> dict:
     from hago.examples import datasets
     from hago.pipeline import evaluate
 
@@ -122,10 +124,10 @@ def run_model(name: str, n_calib: int, candidates, verbose=False) -> dict:
            "fp32": {"acc": evaluate(lambda f: fp.run(None, f), test),
                     "calib_loss": cross_entropy(fp.run(None, {inp: xc}), yc, None)}}
     return compare(out, g, calib, lambda q: cross_entropy(q.run({inp: xc}), yc, None), lambda q: q.evaluate(test),
-                   candidates, [m for m, _, _ in METHODS], verbose=verbose)
+                   candidates, [m for m, _, _ in METHODS], units=units, verbose=verbose)
 
 
-def run_ocr(n_calib: int, n_lines: int, candidates, methods, verbose=False) -> dict:
+def run_ocr(n_calib: int, n_lines: int, candidates, methods, units="weighted", verbose=False) -> dict:
     from hago.examples import ocr
 
     g = hago.load(ocr.model_path())
@@ -140,7 +142,7 @@ def run_ocr(n_calib: int, n_lines: int, candidates, methods, verbose=False) -> d
     out = {"model": "ppocr_rec", "calib_samples": n_calib, "test_lines": n_lines,
            "fp32": {"acc": acc(g.to_onnx()), "calib_loss": ctc(rt.session(g.to_onnx()).run(None, {inp: xc}), idx)}}
     return compare(out, g, calib, lambda q: ctc(q.run({inp: xc}), idx), lambda q: acc(q.to_qdq()), candidates,
-                   methods, loss=ctc, hessian=False, verbose=verbose)
+                   methods, loss=ctc, hessian=False, units=units, verbose=verbose)
 
 
 def main():
@@ -153,6 +155,9 @@ def main():
     ap.add_argument("--ocr-lines", type=int, default=150, help="ppocr_rec: rendered test lines")
     ap.add_argument("--ocr-methods", default="second_order,input_error",
                     help="ppocr_rec: which of the methods to run (" + ", ".join(m for m, _, _ in METHODS) + ")")
+    ap.add_argument("--units", default=None, choices=("all", "weighted"),
+                    help="layer inputs chosen: every quantized activation edge (all; MNIST default) or the inputs of "
+                         "Conv/Gemm/MatMul layers, each with the quantized edges after it (weighted; ppocr_rec default)")
     ap.add_argument("--verbose", action="store_true",
                     help="print the number of layer inputs and sensitivity evaluations, each layer's sensitivities as "
                          "they are measured, and the per-layer sensitivity table")
@@ -167,9 +172,9 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for name in a.models.split(","):
         if name == "ppocr_rec":
-            r = run_ocr(a.ocr_calib, a.ocr_lines, cands, a.ocr_methods.split(","), a.verbose)
+            r = run_ocr(a.ocr_calib, a.ocr_lines, cands, a.ocr_methods.split(","), a.units or "weighted", a.verbose)
         else:
-            r = run_model(name, a.calib, cands, a.verbose)
+            r = run_model(name, a.calib, cands, a.units or "all", a.verbose)
         rows.append(r)
         f = r["fp32"]
         for key, label in (("all8", "all 8-bit"), ("all4", "all 4-bit")):
@@ -187,10 +192,10 @@ def main():
         if a.verbose:
             print(r["report"])
     print()
-    print("| model | layer inputs | fp32 loss | lowest measured loss | improvement available | sensitivity evals |")
+    print("| model | layer inputs (units) | fp32 loss | lowest measured loss | improvement available | sensitivity evals |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['units']} | {r['fp32']['calib_loss']:.4f} | {r['best_measured_loss']:.4f} | "
+        print(f"| {r['model']} | {r['units']} ({r['unit_kind']}) | {r['fp32']['calib_loss']:.4f} | {r['best_measured_loss']:.4f} | "
               f"{r['improvement_available']:+.4f} ({r['improvement_available_rel'] * 100:+.1f} %) | "
               f"{r['sensitivity_evals']} |")
     print(f"total {time.perf_counter() - t_all:.0f} s")

@@ -491,3 +491,24 @@ def test_small_activation_steps_move_relative_to_their_size():
     A.reconstruct(lambda b: {"y": q(b["x"])}, {"x": x}, {"y": x * 1.3}, act_params=[q.delta], iters=20,
                   batch_size=16, p=2.4)
     assert 0.003 * 0.8 <= float(q.delta.detach()) <= 0.003 * 1.2
+
+
+def test_activation_pass_learns_only_the_steps_in_front_of_weight_layers():
+    """BRECQ's activation pass learns (LSQ) the steps of the quantizers that feed a block's weight layers (the
+    reference code's module / block output quantizers); quantizers on values computed inside a block (here the
+    residual Add operands; on PP-OCR HardSwish / SE gates, LayerNorm and attention internals) keep their Lp
+    initialisation. Training those too with 20 iterations moved every step by ~10 % and took PP-OCRv4 W4A8 from
+    98.6 % (steps at their init) to 38 %."""
+    m = tiny_resnet()
+    cal = calib_data(64)
+    res = B.brecq(m, cal, w_bits=4, a_bits=8, iters=10, iters_a=10, act_lr=1e-1, seed=0)
+    learned = {v for e in res.log for v in e.get("act_values", [])}
+    assert learned == {"x", "s_r", "b1r1", "b1_out", "b2r1", "flat"}
+    mod = B.to_torch(m)
+    for w, arr in res.weights.items():
+        mod.set_quantizer(w, A.fixed_quantizer(arr))
+    X = {"x": torch.from_numpy(np.concatenate([b["x"] for b in cal]))}
+    init = {v: q.qparams() for v, q in B._install_acts(mod, X, 8, True, 2.4, 256).items()}
+    for v in ("b1c2", "b2c2", "b2sc"):
+        assert res.act_scales[v] == init[v][0] and res.act_zero_points[v] == init[v][1], v
+    assert any(res.act_scales[v] != init[v][0] for v in learned)

@@ -1,4 +1,5 @@
 """Mixed precision with calibration loss <= fp32 (hago.algorithms.mixed_precision)."""
+import dataclasses
 import itertools
 
 import numpy as np
@@ -201,3 +202,34 @@ def test_search_strategy_proposes_the_selection():
     assert set(dict(cfg.bits)) <= set(d.space.edge_index)
     assert all(b in (4, 6) for b in dict(cfg.bits).values())  # only deviations from the maximum (8) are kept
     assert set(cfg.float_nodes) <= set(d.space.nodes)
+
+
+def test_weighted_units_carry_every_quantized_edge_once():
+    """units="weighted": only Conv/Gemm/MatMul inputs are units; the edges after a layer (the residual Add's
+    inputs, the pool's input) ride with it, none is lost or counted twice, and a float layer takes them along."""
+    data = _data()
+    r_all = select_precision(conv_bn_net(), "x86_avx512_vnni", data, candidates=(4, 8), per_channel=False)
+    r = select_precision(conv_bn_net(), "x86_avx512_vnni", data, candidates=(4, 8), per_channel=False,
+                         units="weighted")
+    units = r._base[4]
+    assert len(units) < len(r_all.unit_bits)
+    assert all(u.weights for u in units.values())
+    edges = [e for u in units.values() for e in u.edges]
+    assert len(edges) == len(set(edges))
+    assert set(edges) == {e for u in r_all._base[4].values() for e in u.edges}
+    # every merged edge carries its unit's choice
+    for u in units.values():
+        b = r.unit_bits[u.name]
+        assert {r.bits[e] for e in u.edges} == {None if b == "float" else b}
+    assert r.feasible and _ce(r.apply(), data) == pytest.approx(r.quant_loss, rel=1e-6)
+    # a float layer un-annotates the edges it carries
+    from hago.algorithms.mixed_precision import FLOAT
+    name = max(units, key=lambda n: len(units[n].edges))
+    assert len(units[name].edges) > 1
+    forced = dataclasses.replace(r, unit_bits=dict(r.unit_bits) | {name: FLOAT},
+                                 bits=dict(r.bits) | {e: None for e in units[name].edges + units[name].weights},
+                                 float_nodes=sorted(set(r.float_nodes) | set(units[name].nodes)))
+    anns = {v.name for v, _ in forced.apply().graph.annotated()}
+    assert not anns & set(units[name].edges + units[name].weights)
+    with pytest.raises(HagoError, match="units="):
+        select_precision(conv_bn_net(), "x86_avx512_vnni", data, units="layers")

@@ -389,7 +389,8 @@ class ParamModel:
     annotation's integer range, ``(qmin - zp) * scale``...), and with ``mix=True``
     also ``g__t``: the quantized edge becomes ``x + t * (fq(x) - x)`` (``t = 0``
     float, ``t = 1`` quantized, other values for finite differences along the
-    quantization noise). Biases of Conv/Gemm are fake-quantized with scale
+    quantization noise; an ``If`` on ``t`` skips the quantizer where ``t = 0``, so an evaluation with
+    few quantized layers costs about one float pass). Biases of Conv/Gemm are fake-quantized with scale
     ``s_x * s_w`` as :func:`hago.ir.qdq.to_qdq` stores them. The arithmetic
     is QuantizeLinear/DequantizeLinear followed by the bounds of the narrower
     integer range (the values of to_qdq's ``Clip -> Q -> DQ``), so with the
@@ -464,11 +465,16 @@ class ParamModel:
         self.fed: dict[str, tuple[int, np.ndarray]] = {}  # "round": weight -> (out axis, float weight)
         self._wcache: dict = {}
 
+        ZERO = "hago__zero"
+        if mix:
+            new_inits.append(numpy_helper.from_array(np.asarray(0.0, np.float32), ZERO))
+
         def fq(x: str, grp: _Group, out: str, nodes: list, bshape=None) -> None:
             g_ = grp.name
             s, z, lo, hi = f"{g_}__scale", f"{g_}__zp", f"{g_}__lo", f"{g_}__hi"
             p = out + "__"
             res = p + "fq" if mix else out
+            start = len(nodes)
             if grp.ann.dtype in _QDQ_TYPES:
                 # QuantizeLinear/DequantizeLinear, then the real bounds of the (possibly narrower) integer range:
                 # the same values as to_qdq's Clip -> Q -> DQ
@@ -499,9 +505,20 @@ class ParamModel:
                           helper.make_node("Sub", [p + "hi", z], [p + "sub"]),
                           helper.make_node("Mul", [p + "sub", s], [res])]
             if mix:
-                nodes += [helper.make_node("Sub", [res, x], [p + "noise"]),
+                # x + t * (Q(x) - x), computed only where t != 0: an If on t skips the quantizer (and its noise)
+                # of every layer that is float in this evaluation, so measuring one layer at a time costs about
+                # one float forward pass instead of one with all the quantizers
+                inner = nodes[start:]
+                del nodes[start:]
+                inner += [helper.make_node("Sub", [res, x], [p + "noise"]),
                           helper.make_node("Mul", [p + "noise", f"{g_}__t"], [p + "tn"]),
-                          helper.make_node("Add", [x, p + "tn"], [out])]
+                          helper.make_node("Add", [x, p + "tn"], [p + "mixed"])]
+                vi = [helper.make_tensor_value_info(p + "mixed", onnx.TensorProto.FLOAT, None)]
+                off = helper.make_graph([helper.make_node("Identity", [x], [p + "same"])], p + "off", [],
+                                        [helper.make_tensor_value_info(p + "same", onnx.TensorProto.FLOAT, None)])
+                on = helper.make_graph(inner, p + "on", [], vi)
+                nodes += [helper.make_node("Equal", [f"{g_}__t", ZERO], [p + "is0"]),
+                          helper.make_node("If", [p + "is0"], [out], then_branch=off, else_branch=on)]
 
         for n, a in anns.items():
             if a.kind == "activation":
