@@ -91,7 +91,7 @@ def compare(out: dict, g, calib, calib_loss, accuracy, candidates, methods, *, l
         dt = time.perf_counter() - t0
         if first is None:
             first = r
-            out["sensitivity_evals"] = r.evals
+            out["sensitivity_evals"] = r.sensitivity_evals
             out["lowest_delta_layout_loss"] = r.min_loss
             out["units"] = len(r.unit_bits)
             out["unit_kind"] = units

@@ -214,6 +214,9 @@ def test_weighted_units_carry_every_quantized_edge_once():
     units = r._base[4]
     assert len(units) < len(r_all.unit_bits)
     assert all(u.weights for u in units.values())
+    # two evaluations (t = +1, -1) per quantized option, then the layout search
+    n_opts = sum(1 for u in units.values() for o in u.options if o.key != "float")
+    assert r.sensitivity_evals == 2 * n_opts < r.evals
     edges = [e for u in units.values() for e in u.edges]
     assert len(edges) == len(set(edges))
     assert set(edges) == {e for u in r_all._base[4].values() for e in u.edges}

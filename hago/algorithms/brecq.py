@@ -57,16 +57,14 @@ What hago does, and where it follows the reference code:
   a block's output, both feeding the next layer). hago also quantizes values the reference code
   leaves in float (inside an activation function or a block: HardSwish / Swish / squeeze-excite
   gates, LayerNorm statistics, attention q / k / probabilities, the operands of a residual
-  ``Add``); those keep their Lp initialisation. Measured on PP-OCRv4 rec, W4A8, 20 LSQ iterations
-  (``bench/bench_brecq.py``): BRECQ's weights with every step at its Lp init 98.6 %; learning
-  every quantizer a block reads (282 steps) 38.1 % -- with few iterations each step moves by its
-  Adam rate (capped at 1 % per iteration, see :mod:`hago.algorithms.adaround`) along the sign of
-  a straight-through gradient taken at the kink the Lp init sits on (one-sided: it sees the
-  rounding error, not the clipping), so ~all steps shrank by ~10 %, a 6/255 HardSwish gate step
-  among them, although each block's calibration loss was lowest near the init; also reverting a
-  block's steps whenever its calibration loss rose gave 84.1 %; learning only the steps in front
-  of Conv / MatMul nodes (55, attention MatMuls included) 97.2 %, in front of weight layers only
-  (this rule) 97.3 % (AdaRound layer by layer: 95.3 %).
+  ``Add``); those keep their Lp initialisation. Measured on PP-OCRv4 rec, W4A8
+  (``bench/bench_brecq.py --model ppocr_rec --wbits 4 --iters 100``, docs/BENCHMARKS.md): with
+  ``--iters-a 20`` learning every quantizer a block reads gave 38.1 %, this rule 97.3 %
+  (AdaRound layer by layer 95.3 %); ``--iters-a 0`` (every step at its Lp init) 98.6 %. With few
+  iterations each step moves by about its Adam rate (capped at 1 % per iteration, see
+  :mod:`hago.algorithms.adaround`) along the sign of a straight-through gradient taken at the
+  kink the Lp init sits on (it sees the rounding error, not the clipping), so training the
+  quantizers inside blocks shrinks them all together.
 * **First and last layer at 8 bits** (``first_last_8bit=True``, the reference code's
   default): their weights and their input activations use 8 bits, and the first layer,
   when it is a block of its own, is rounded to nearest (the reference code skips its

@@ -389,8 +389,7 @@ class ParamModel:
     annotation's integer range, ``(qmin - zp) * scale``...), and with ``mix=True``
     also ``g__t``: the quantized edge becomes ``x + t * (fq(x) - x)`` (``t = 0``
     float, ``t = 1`` quantized, other values for finite differences along the
-    quantization noise; an ``If`` on ``t`` skips the quantizer where ``t = 0``, so an evaluation with
-    few quantized layers costs about one float pass). Biases of Conv/Gemm are fake-quantized with scale
+    quantization noise; an ``If`` on ``t`` skips the quantizer's arithmetic where ``t = 0``). Biases of Conv/Gemm are fake-quantized with scale
     ``s_x * s_w`` as :func:`hago.ir.qdq.to_qdq` stores them. The arithmetic
     is QuantizeLinear/DequantizeLinear followed by the bounds of the narrower
     integer range (the values of to_qdq's ``Clip -> Q -> DQ``), so with the
@@ -465,9 +464,9 @@ class ParamModel:
         self.fed: dict[str, tuple[int, np.ndarray]] = {}  # "round": weight -> (out axis, float weight)
         self._wcache: dict = {}
 
-        ZERO = "hago__zero"
+        zero_name = "hago__zero"
         if mix:
-            new_inits.append(numpy_helper.from_array(np.asarray(0.0, np.float32), ZERO))
+            new_inits.append(numpy_helper.from_array(np.asarray(0.0, np.float32), zero_name))
 
         def fq(x: str, grp: _Group, out: str, nodes: list, bshape=None) -> None:
             g_ = grp.name
@@ -506,8 +505,7 @@ class ParamModel:
                           helper.make_node("Mul", [p + "sub", s], [res])]
             if mix:
                 # x + t * (Q(x) - x), computed only where t != 0: an If on t skips the quantizer (and its noise)
-                # of every layer that is float in this evaluation, so measuring one layer at a time costs about
-                # one float forward pass instead of one with all the quantizers
+                # of every layer that is float in this evaluation (all but one while sensitivities are measured)
                 inner = nodes[start:]
                 del nodes[start:]
                 inner += [helper.make_node("Sub", [res, x], [p + "noise"]),
@@ -517,7 +515,7 @@ class ParamModel:
                 off = helper.make_graph([helper.make_node("Identity", [x], [p + "same"])], p + "off", [],
                                         [helper.make_tensor_value_info(p + "same", onnx.TensorProto.FLOAT, None)])
                 on = helper.make_graph(inner, p + "on", [], vi)
-                nodes += [helper.make_node("Equal", [f"{g_}__t", ZERO], [p + "is0"]),
+                nodes += [helper.make_node("Equal", [f"{g_}__t", zero_name], [p + "is0"]),
                           helper.make_node("If", [p + "is0"], [out], then_branch=off, else_branch=on)]
 
         for n, a in anns.items():

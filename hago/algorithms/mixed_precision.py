@@ -109,7 +109,8 @@ class MixedPrecisionResult:
     max_bits_loss: float  # all layers at their highest candidate
     min_loss: float  # measured loss of the layout taking each layer's lowest-Delta option
     sensitivities: dict  # unit -> {option: {"first", "second", "delta", "input_error", "hessian"}}
-    evals: int
+    evals: int  # loss evaluations in all
+    sensitivity_evals: int  # of them, measuring the per-layer sensitivities (0 with ``reuse``)
     seconds: float
     history: list  # (what, loss) of every measured layout
     spec_name: str
@@ -294,7 +295,7 @@ def _merge_into_weighted(g: Graph, pm: ParamModel, units: dict) -> dict:
             target = next((owner[use.node.name] for use in v.uses() if use.node.name in owner), None)
         if target is None:
             target = downstream(v)
-        if target is None or target not in out:
+        if target is None:
             out[k] = u
             continue
         t = out[target]
@@ -519,6 +520,8 @@ def select_precision(graph_or_qg, spec=None, calib: Iterable[dict] | None = None
             print(f"mixed precision: {u.name}: " + ", ".join(
                 f"{k}: g.e {v['first']:+.4g} eHe {v['second']:+.4g}" for k, v in sens[u.name].items()))
 
+    sensitivity_evals = ev.evals - 1  # less the fp32 evaluation
+
     def delta(u: _Unit, k: int) -> float:
         s = sens[u.name][u.options[k].key]
         return s["first"] if method == "first_order" else s["delta"]
@@ -584,7 +587,8 @@ def select_precision(graph_or_qg, spec=None, calib: Iterable[dict] | None = None
         bits=bits, unit_bits=unit_bits, float_nodes=sorted(set(float_nodes)), fp32_loss=fp32_loss, quant_loss=cur,
         feasible=bool(cur <= limit), fallback=fallback, method=method, loss=loss_name, predicted_delta=pred,
         avg_bits=weighted / max(total, 1e-12), max_bits_loss=max_loss, min_loss=min_loss, sensitivities=sens,
-        evals=ev.evals, seconds=time.perf_counter() - t_start, history=history, spec_name=spec.name,
+        evals=ev.evals, sensitivity_evals=sensitivity_evals, seconds=time.perf_counter() - t_start,
+        history=history, spec_name=spec.name,
         _base=(g, spec, dict(qg.options), ranges, {u.name: u for u in units}))
     return res
 
