@@ -1,6 +1,6 @@
 """SPARQ on real activations: 4-bit windows of 8-bit activations vs plain 4-bit activations.
 
-    python bench/bench_sparq.py [--models mnist_cnn,mnist_resnet,mnist_mobilenetv2] [--ocr-lines 0]
+    python bench/bench_sparq.py [--models mnist_cnn,mnist_resnet,mnist_mobilenetv2] [--calib 256] [--seeds 1]
 
 Weights are 8-bit per-channel (x86_avx512_vnni spec). For every activation that
 enters a Conv/Gemm/MatMul and is non-negative (zero point 0, e.g. after ReLU):
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -37,10 +36,61 @@ from hago.runtime import ort as rt  # noqa: E402
 MODELS = os.path.join(os.path.dirname(hago.__file__), "examples", "models")
 
 
+VARIANTS = ("W8A8", "A4", "b5", "b3", "b2", "v5")
+ORDER = (("b5", "A4"), ("v5", "b5"))  # the paper's two claims: bSPARQ > plain 4-bit, vSPARQ > bSPARQ
+
+
+def compare(g, inp, calib, test):
+    """(top-1 per variant, logit SNR vs fp32 per variant, 8-bit-path pair fractions) on one calibration set."""
+    def logits(model):
+        sess = rt.session(model, optimize="basic")
+        return np.concatenate([sess.run(None, {inp: b[inp]})[0] for b in test], axis=0).astype(np.float64)
+
+    ref = logits(g.to_onnx())
+    snr = {}
+
+    def snr_of(qg):
+        y = logits(qg.to_qdq())
+        return float(10 * np.log10(np.sum(ref * ref) / max(float(np.sum((y - ref) ** 2)), 1e-30)))
+
+    spec = "x86_avx512_vnni"
+    base = hago.quantize(g, spec, calib, method="auto", sparq=None)
+    res = {"W8A8": base.evaluate(test)}
+    snr["W8A8"] = snr_of(base)
+    sparq_edges = [v.name for v, ann in base.graph.annotated()
+                   if ann.kind == "activation" and int(ann.zero_point) == 0
+                   and any(u.node.op_type in ("Conv", "Gemm", "MatMul") for u in v.uses())]
+    a4 = hago.quantize(g, spec, calib, method="mse", sparq=None,
+                       overrides={e: {"bits": 4} for e in sparq_edges})
+    res["A4"] = a4.evaluate(test)
+    snr["A4"] = snr_of(a4)
+    for label, mode, pl in (("b5", "bsparq", 5), ("b3", "bsparq", 3), ("b2", "bsparq", 2), ("v5", "vsparq", 5)):
+        qg = hago.quantize(g, spec, calib, method="auto", sparq=mode)
+        for _, ann in qg.graph.annotated():
+            if ann.sparq:
+                ann.sparq["placements"] = pl
+        qg.invalidate()
+        res[label] = qg.evaluate(test)
+        snr[label] = snr_of(qg)
+    # fraction of channel pairs with a zero on the real calibration activations
+    model = base.to_qdq()
+    # the quantized codes of each SPARQ edge: its QuantizeLinear output, or, where the QDQ export folded a Relu
+    # into the quantizer of the Relu's input (zero point 0: the same codes), that quantizer's output
+    relu_in = {n.output[0]: n.input[0] for n in g.to_onnx().graph.node if n.op_type == "Relu"}
+    q_out = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    qn = [q_out.get(e) or q_out.get(relu_in.get(e, "")) for e in sparq_edges if e != inp]
+    qn = [q for q in qn if q]
+    outs = rt.session(rt.with_outputs(model, qn), optimize="basic").run(qn, calib[0]) if qn else []
+    fr = [vsparq(o, pair_axis=1)[1]["frac_8bit_pairs"] for o in outs if o.ndim >= 2]
+    return res, snr, fr
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="mnist_cnn,mnist_resnet,mnist_mobilenetv2")
     ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="run on this many disjoint calibration sets of --calib digits; print each and the mean")
     a = ap.parse_args()
     xtr, _ = datasets.mnist("train")
     xte, yte = datasets.mnist("test")
@@ -50,54 +100,30 @@ def main():
     for name in a.models.split(","):
         g = hago.load(os.path.join(MODELS, name + ".onnx"))
         inp = g.input_names[0]
-        calib = list(datasets.batches(xtr[: a.calib], 64, inp))
         test = list(datasets.batches(xte, 250, inp, yte))
         from hago.pipeline import evaluate, float_runner
 
         fp32 = evaluate(float_runner(g), test)
-
-        def logits(model):
-            sess = rt.session(model, optimize="basic")
-            return np.concatenate([sess.run(None, {inp: b[inp]})[0] for b in test], axis=0).astype(np.float64)
-
-        ref = logits(g.to_onnx())
-        snr = {}
-
-        def snr_of(qg):
-            y = logits(qg.to_qdq())
-            return float(10 * np.log10(np.sum(ref * ref) / max(float(np.sum((y - ref) ** 2)), 1e-30)))
-
-        spec = "x86_avx512_vnni"
-        base = hago.quantize(g, spec, calib, method="auto", sparq=None)
-        res = {"W8A8": base.evaluate(test)}
-        snr["W8A8"] = snr_of(base)
-        sparq_edges = [v.name for v, ann in base.graph.annotated()
-                       if ann.kind == "activation" and int(ann.zero_point) == 0
-                       and any(u.node.op_type in ("Conv", "Gemm", "MatMul") for u in v.uses())]
-        a4 = hago.quantize(g, spec, calib, method="mse", sparq=None,
-                           overrides={e: {"bits": 4} for e in sparq_edges})
-        res["A4"] = a4.evaluate(test)
-        snr["A4"] = snr_of(a4)
-        for label, mode, pl in (("b5", "bsparq", 5), ("b3", "bsparq", 3), ("b2", "bsparq", 2), ("v5", "vsparq", 5)):
-            qg = hago.quantize(g, spec, calib, method="auto", sparq=mode)
-            for _, ann in qg.graph.annotated():
-                if ann.sparq:
-                    ann.sparq["placements"] = pl
-            qg.invalidate()
-            res[label] = qg.evaluate(test)
-            snr[label] = snr_of(qg)
-        # fraction of channel pairs with a zero on the real calibration activations
-        model = base.to_qdq()
-        # the quantized codes of each SPARQ edge: its QuantizeLinear output, or, where the QDQ export folded a Relu
-        # into the quantizer of the Relu's input (zero point 0: the same codes), that quantizer's output
-        relu_in = {n.output[0]: n.input[0] for n in g.to_onnx().graph.node if n.op_type == "Relu"}
-        q_out = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
-        qn = [q_out.get(e) or q_out.get(relu_in.get(e, "")) for e in sparq_edges if e != inp]
-        qn = [q for q in qn if q]
-        outs = rt.session(rt.with_outputs(model, qn), optimize="basic").run(qn, calib[0]) if qn else []
-        fr = [vsparq(o, pair_axis=1)[1]["frac_8bit_pairs"] for o in outs if o.ndim >= 2]
-        cells = " | ".join(f"{res[k] * 100:.2f} / {snr[k]:.1f}" for k in ("W8A8", "A4", "b5", "b3", "b2", "v5"))
-        print(f"| {name} | {fp32 * 100:.2f} | {cells} | {np.mean(fr) * 100:.1f}% |", flush=True)
+        runs = []
+        for sd in range(a.seeds):
+            if (sd + 1) * a.calib > len(xtr):
+                raise SystemExit(f"--seeds {sd + 1} x --calib {a.calib} needs more than {len(xtr)} training digits")
+            calib = list(datasets.batches(xtr[sd * a.calib:(sd + 1) * a.calib], 64, inp))
+            runs.append(compare(g, inp, calib, test))
+            res, snr, fr = runs[-1]
+            cells = " | ".join(f"{res[k] * 100:.2f} / {snr[k]:.1f}" for k in VARIANTS)
+            tag = name if a.seeds == 1 else f"{name} (calibration set {sd})"
+            print(f"| {tag} | {fp32 * 100:.2f} | {cells} | {np.mean(fr) * 100:.1f}% |", flush=True)
+        if a.seeds > 1:
+            means = {k: (np.mean([r[0][k] for r in runs]), np.mean([r[1][k] for r in runs])) for k in VARIANTS}
+            cells = " | ".join(f"**{means[k][0] * 100:.2f} / {means[k][1]:.1f}**" for k in VARIANTS)
+            frm = np.mean([np.mean(r[2]) for r in runs])
+            print(f"| {name} **mean of {a.seeds}** | {fp32 * 100:.2f} | {cells} | {frm * 100:.1f}% |", flush=True)
+            wins = {f"{x}>{y}": sum(r[0][x] > r[0][y] for r in runs) for x, y in ORDER}
+            ties = {f"{x}>{y}": sum(r[0][x] == r[0][y] for r in runs) for x, y in ORDER}
+            swins = {f"{x}>{y}": sum(r[1][x] > r[1][y] for r in runs) for x, y in ORDER}
+            print("|  | top-1 wins / ties, SNR wins over the sets: " + "; ".join(
+                f"{k} {wins[k]} / {ties[k]}, {swins[k]}" for k in wins) + " | | | | | | | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Range methods (``method`` strings):
 * ``minmax``: the observed min and max;
 * ``avg_range``: HAGO's default, the mean over batches of each batch's min and max;
 * ``percentile[:p]``: the p-th percentile of values (default 99.99), both tails;
-* ``kl`` / ``entropy``: TensorRT's KL-divergence threshold search on the histogram;
+* ``kl`` / ``entropy``: TensorRT's KL-divergence threshold search on the histogram; with small calibration
+  sets it can clip a ReLU output far too hard (docs/BENCHMARKS.md, issue 2: on 4 and 7 of ten 128-digit
+  sets of two MNIST models), so prefer ``auto``, which scores it against the other methods;
 * ``mse``: the clipping range with the lowest expected squared quantization error;
 * ``lp:<p>``: the range minimizing the expected ``|error|^p`` (LAPQ's Lp-optimal clipping).
 """
