@@ -204,6 +204,48 @@ def test_search_strategy_proposes_the_selection():
     assert set(cfg.float_nodes) <= set(d.space.nodes)
 
 
+def test_search_strategy_measures_sensitivities_once(monkeypatch):
+    """Two methods in the strategy: the second reuses the first's per-layer sensitivities (no new sensitivity
+    evaluations) and proposes its own layout."""
+    from hago.algorithms import mixed_precision as mp
+    from hago.search.space import build_space
+
+    data = _data(labels=False)
+    g = hago.load(conv_bn_net())
+    spec = hago.load_spec("x86_avx512_vnni")
+    results = []
+
+    def recording(*args, **kwargs):
+        results.append(select_precision(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(mp, "select_precision", recording)
+
+    class Ev:
+        calib = [{"x": b["x"]} for b in data]
+        per_channel = False
+        observers = None
+
+    class FakeDriver:
+        def __init__(self):
+            self.graph, self.spec, self.ev, self.default_method = g, spec, Ev(), "mse"
+            self.space = build_space(g, spec)
+            self.trials = []
+
+        def remaining(self):
+            return 3 - len(self.trials)
+
+        def trial(self, cfg, strategy):
+            self.trials.append((cfg, strategy))
+
+    d = FakeDriver()
+    mp.search_strategy(d, methods=("second_order", "input_error"))
+    assert [name for _, name in d.trials] == ["mixed_precision:second_order", "mixed_precision:input_error"]
+    assert results[0].sensitivity_evals > 0
+    assert results[1].sensitivity_evals == 0
+    assert results[1].sensitivities == results[0].sensitivities
+
+
 def test_weighted_units_carry_every_quantized_edge_once():
     """units="weighted": only Conv/Gemm/MatMul inputs are units; the edges after a layer (the residual Add's
     inputs, the pool's input) ride with it, none is lost or counted twice, and a float layer takes them along."""

@@ -718,13 +718,16 @@ def search_strategy(d, *, candidates: Sequence[int] = (4, 6, 8), methods: Sequen
     """A ``hago.search`` strategy: propose the loss-<=-fp32 layouts of ``methods`` as trials.
 
     Usage: ``hago.search.strategies.STRATEGIES["mixed_precision"] = search_strategy``. It reuses the
-    driver's calibration batches and statistics; each selection costs a few hundred onnxruntime runs of
-    the calibration set, not trials.
+    driver's calibration batches and statistics; the per-layer sensitivities are measured once, by the
+    first method, and reused by the others; each selection costs a few hundred onnxruntime runs of the
+    calibration set, not trials.
     """
+    first = None
     for m in methods:
         if d.remaining() <= 0:
             return
         r = select_precision(d.graph, d.spec, d.ev.calib, candidates=candidates, method=m,
                              calib_method=d.default_method, per_channel=d.ev.per_channel, observers=d.ev.observers,
-                             units=units)
+                             units=units, hessian=first is None and "hessian" in methods, reuse=first)
+        first = first or r
         d.trial(r.to_config(d.space, d.default_method), f"mixed_precision:{m}")
