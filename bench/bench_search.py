@@ -178,6 +178,52 @@ def spearman_eval(name, n_cfg, ortl, splits=20, prior=True):
               f"{splits} random 70/30 splits: mean {np.mean(sp):.3f}, min {np.min(sp):.3f}", flush=True)
 
 
+def kernel_reuse(name, n_cfg):
+    """How many kernels of a random mixed configuration the all-float and all-integer models do not already have
+    (structurally), with border quantize/dequantize fused into their neighbours and as kernels of their own; the
+    new ones of "separate" that hold a conv/matmul would need tuning (tune_scope="compute")."""
+    import tvm_ffi
+
+    from hago.backend import compile as C
+    from hago.backend import x86_int8
+    from hago.backend.target import make_target
+    from hago.backend.tune import kernel_tasks
+    from hago.search.evaluate import Evaluator
+    from hago.search.space import Config, build_space
+
+    g = hago.load(get_model(name))
+    spec = hago.load_spec("x86_avx2")
+    inp = g.input_names[0]
+    shape = [d if isinstance(d, int) else 1 for d in g.inputs[0].shape]
+    ev = Evaluator(g, spec, image_batches(shape, 2, 1, inp), None)
+    space = build_space(g, spec)
+    tgt = make_target(spec, threads=1)
+
+    def kernels(qg, border):
+        mod, _, _ = C.to_irmodule(qg, spec=spec, border_kernels=border)
+        fused, _ = C.lower_and_fuse(mod, tgt, avx2_int8=True)
+        fused, _ = C.schedule_border_kernels(fused)
+        fused, _ = x86_int8.schedule_packed_convs(fused)
+        return {tvm_ffi.structural_hash(t.mod): t.mod["main"] for t in kernel_tasks(fused)}
+
+    ends = [Config.make({}, list(space.nodes), "mse", space), Config()]
+    known = {b: {h for c in ends for h in kernels(ev.build(c), b)} for b in ("fused", "separate")}
+    rs = np.random.RandomState(0)
+    print(f"\nkernel reuse on {name} ({len(space.nodes)} candidate nodes; kernels not in the all-float or all-int8 "
+          f"model, structurally; 'compute' = holding a conv/matmul):")
+    print("| config | float nodes | fused borders: new (compute) | separate borders: new (compute) |")
+    print("|---|---|---|---|")
+    for i in range(n_cfg):
+        p = rs.rand()
+        cfg = Config.make({}, [n for n in space.nodes if rs.rand() < p], "mse", space)
+        qg = ev.build(cfg)
+        cells = []
+        for b in ("fused", "separate"):
+            new = [f for h, f in kernels(qg, b).items() if h not in known[b]]
+            cells.append(f"{len(new)} ({sum(C.compute_kernel(f) for f in new)})")
+        print(f"| {i} | {len(cfg.float_nodes)} | {cells[0]} | {cells[1]} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="resnet50,squeezenet,shufflenet,mobilenetv2")
@@ -189,7 +235,11 @@ def main():
     ap.add_argument("--splits", type=int, default=20, help="random 70/30 splits for --spearman")
     ap.add_argument("--no-prior", action="store_true", help="--spearman without the profile prior")
     ap.add_argument("--compare-strategies", action="store_true")
+    ap.add_argument("--kernel-reuse", type=int, default=0,
+                    help="count the new kernels of N random mixed configs, border kernels fused vs separate")
     ap.add_argument("--seeds", type=int, default=3, help="searches per strategy for --compare-strategies")
+    ap.add_argument("--strategies", default="model,random,greedy", help="--compare-strategies: which strategies")
+    ap.add_argument("--first-seed", type=int, default=0, help="--compare-strategies: seeds first..first+seeds-1")
     ap.add_argument("--skip-table", action="store_true", help="skip the per-model table (searched vs FP32 vs INT8)")
     ap.add_argument("--tune-trials", type=int, default=16, help="--measure tvm: MetaSchedule trials per new kernel")
     ap.add_argument("--cache-dir", help="--measure tvm: tuning database (warm it with bench_models.py)")
@@ -278,6 +328,10 @@ def main():
               f"{r['best_lat']:.3f} ({r['best_acc'] * 100:.2f}) | {r['ort_fp32'] / r['best_lat']:.2f}x | "
               f"{r['ort_int8'] / r['best_lat']:.2f}x | {r['n_float']} | {r['search_s']:.0f} |")
 
+    if a.kernel_reuse:
+        for name in a.models.split(","):
+            kernel_reuse(name, a.kernel_reuse)
+
     if a.spearman:
         for name in a.models.split(","):
             spearman_eval(name, a.spearman, ortl, splits=a.splits, prior=not a.no_prior)
@@ -289,16 +343,16 @@ def main():
         shape = [d if isinstance(d, int) else 1 for d in g.inputs[0].shape]
         calib = image_batches(shape, a.calib, 1, inp)
         ev = image_batches(shape, a.eval, 2, inp)
-        print(f"\nstrategies on {name}, {a.budget} measured trials each, seeds 0..{a.seeds - 1} (accuracy = agreement %, "
+        print(f"\nstrategies on {name}, {a.budget} measured trials each, seeds {a.first_seed}..{a.first_seed + a.seeds - 1} (accuracy = agreement %, "
               f"latency ms; 'vs fp32' = best / the all-float reference, both re-measured side by side in the final "
               f"confirmation rounds, so machine drift between runs cancels):", flush=True)
         summary = {}
-        for strat in ("model", "random", "greedy"):
-            for seed in range(a.seeds):
+        for strat in a.strategies.split(","):
+            for seed in range(a.first_seed, a.first_seed + a.seeds):
                 t0 = time.perf_counter()
                 with tempfile.TemporaryDirectory() as cache:  # no latency cache shared between runs
                     r = hago.search(g, "x86_avx2", calib, ev, max_drop=a.max_drop, strategy=strat, budget=a.budget,
-                                    measure=ortl if a.measure == "onnxruntime" else a.measure, threads=a.threads,
+                                    measure=tvml or (ortl if a.measure == "onnxruntime" else a.measure), threads=a.threads,
                                     progress=False, seed=seed, cache_dir=cache)
                 front = ", ".join(f"({t.accuracy * 100:.1f}, {t.latency_ms:.2f})" for t in r.pareto)
                 b = r.best

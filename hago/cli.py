@@ -259,7 +259,12 @@ def _run_search_command(args) -> int:
     art = None
     if not getattr(args, "no_artifact", False):
         try:  # the deployable TVM library for the spec's target (tuning records of the search are reused)
-            art = hago.compile(qg, spec, progress=False)
+            opts = {}
+            if measure != "onnxruntime":  # compiled as the search measured it (border kernels of their own)
+                from .search.latency import TvmLatency
+
+                opts = dict(TvmLatency.compile_options)
+            art = hago.compile(qg, spec, progress=False, **opts)
             art.export(os.path.join(args.out, "artifact"))
         except Exception as e:  # the QDQ model and the report are still useful
             print(f"note: could not compile the artifact: {type(e).__name__}: {e}")

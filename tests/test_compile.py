@@ -473,3 +473,75 @@ def test_hand_scheduled_depthwise_conv_is_exact(tmp_path, c, hw, stride):
     plain = compile(mod, X86, cache_dir=str(tmp_path), progress=False, int8_schedule="tune")
     assert hand.info["hand_scheduled_convs"] == 1 and plain.info["hand_scheduled_convs"] == 0
     np.testing.assert_array_equal(hand.run({"x": x})[0], plain.run({"x": x})[0])
+
+
+@needs_avx2
+def test_separate_border_kernels_reuse_all_float_and_all_int8_kernels():
+    """With border_kernels="separate", a configuration with a float conv between integer ones brings no unscheduled
+    conv or matmul kernel that the all-float and all-integer models do not already have (so the latency-measured
+    search tunes nothing new), and it computes what the fused form computes."""
+    import tvm_ffi
+
+    import hago
+    from hago.backend import compile as C
+    from hago.backend.tune import kernel_tasks
+    from hago.search.evaluate import Evaluator
+    from hago.search.space import Config, build_space
+
+    g = hago.load(os.path.join(os.path.dirname(hago.__file__), "examples", "models", "mnist_cnn.onnx"))
+    spec = hago.load_spec("x86_avx2")
+    inp = g.input_names[0]
+    rs = np.random.RandomState(0)
+    calib = [{inp: rs.rand(4, 1, 28, 28).astype(np.float32)}]
+    ev = Evaluator(g, spec, calib, None)
+    space = build_space(g, spec)
+    convs = [n for n in space.nodes if space.node_ops.get(n) == "Conv"] if isinstance(space.node_ops, dict) else []
+    assert len(convs) >= 2, space.nodes
+    tgt = make_target(spec, threads=1)
+
+    def kernels(qg, border):
+        mod, _, _ = C.to_irmodule(qg, spec=spec, border_kernels=border)
+        fused, _ = C.lower_and_fuse(mod, tgt, avx2_int8=True)
+        fused, n_border = C.schedule_border_kernels(fused)
+        fused, _ = x86_int8.schedule_packed_convs(fused)
+        return {tvm_ffi.structural_hash(t.mod): t.mod["main"] for t in kernel_tasks(fused)}, n_border
+
+    known = {}
+    for cfg in (Config.make({}, list(space.nodes), "mse", space), Config.make({}, [], "mse", space)):
+        k, _ = kernels(ev.build(cfg), "separate")
+        known.update(k)
+    fused_new = 0
+    # each conv alone in float between integer neighbours (an integer Gemm whose output goes straight to a float
+    # consumer gets a float epilogue: a new kernel, tuned by MetaSchedule, since packed dense has no hand schedule)
+    for node in convs:
+        qg = ev.build(Config.make({}, [node], "mse", space))
+        k_sep, n_border = kernels(qg, "separate")
+        assert n_border >= 1, node
+        new = [f for h, f in k_sep.items() if h not in known]
+        assert not [f for f in new if C.compute_kernel(f)], (node, [f.script()[:300] for f in new])
+        k_fused, zero = kernels(qg, "fused")
+        assert zero == 0
+        fused_new += len([f for h, f in k_fused.items() if h not in known and C.compute_kernel(f)])
+    assert fused_new > 0  # fused borders do make new conv/matmul kernels
+    mixed = ev.build(Config.make({}, [convs[1]], "mse", space))
+    x = {inp: rs.rand(1, 1, 28, 28).astype(np.float32)}
+    a = compile(mixed, spec, border_kernels="separate", progress=False).run(x)[0]
+    b = compile(mixed, spec, progress=False).run(x)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(a.argmax(-1), b.argmax(-1))
+    with pytest.raises(CompileError):
+        compile(mixed, spec, tune_scope="some", progress=False)
+
+
+def test_open_database_is_reused_until_its_files_change(tmp_path):
+    from hago.backend.tune import open_database
+
+    d = str(tmp_path / "db")
+    db1 = open_database(d)
+    assert open_database(d) is db1  # opened once per process
+    rec = os.path.join(d, "database_tuning_record.json")
+    st = os.stat(rec)
+    os.utime(rec, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # another process wrote it
+    db2 = open_database(d)
+    assert db2 is not db1
+    assert open_database(d) is db2

@@ -1,6 +1,8 @@
 """hago.backend.measure: statistics structure, random inputs, onnxruntime harness, error paths (no timing asserts)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -123,3 +125,22 @@ def test_profile_nodes_of_onnxruntime():
     rows = profile_nodes(m, runs=3)
     assert {r["op"] for r in rows} & {"MatMul", "FusedMatMul", "Gemm"}
     assert all(r["ms"] >= 0 for r in rows)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs to pin to the second")
+def test_set_num_threads_keeps_the_process_cpu_mask():
+    """`taskset -c 1 python bench/...` must run on core 1: TVM's thread pool binds to cores from core 0 unless
+    hago turns binding off."""
+    import subprocess
+    import sys
+
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    code = ("import os; os.sched_setaffinity(0, {%d}); from hago.backend.measure import set_num_threads; "
+            "set_num_threads(1); print(sorted(os.sched_getaffinity(0)))" % cpu)
+    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str([cpu])

@@ -560,6 +560,22 @@ def test_model_a_fold_relu_off_same_numbers(model_a, model_a_feeds, model_a_run)
         np.testing.assert_array_equal(ours[t], y)
 
 
+@pytest.mark.parametrize("requantize", ["fixed_point", "float"])
+def test_separate_border_kernels_same_numbers(model_b, requantize):
+    """border_kernels="separate": the float->int8 quantize of the input and the int8->float dequantize in front of
+    the float Softmax are kernels of their own (not fused), with the same numbers as the fused form."""
+    feeds = {"x": RNG.normal(0, 1, (8, 2, 9, 9)).astype(np.float32)}
+    fused, _ = run_all_q(model_b, feeds, requantize=requantize)
+    sep, _ = run_all_q(model_b, feeds, requantize=requantize, border_kernels="separate")
+    for t in fused:
+        np.testing.assert_array_equal(sep[t], fused[t], err_msg=t)
+    text = rz.realize(model_b, border_kernels="separate").script()
+    assert text.count("hago_border_quantize") >= 1 and text.count("hago_border_dequantize") >= 1
+    assert "hago_border" not in rz.realize(model_b).script()
+    with pytest.raises(CompileError):
+        rz.realize(model_b, border_kernels="glued")
+
+
 def test_model_b_int8_activations(model_b):
     recs = {r["node"]: r for r in rz.describe(model_b)}
     for n in ("conv1", "conv2", "add", "sub", "mul", "gap", "flatten", "fc"):

@@ -96,7 +96,7 @@ def _spec_realize_options(spec) -> dict:
     return opts
 
 
-def to_irmodule(model, *, spec=None, input_shapes: dict | None = None):
+def to_irmodule(model, *, spec=None, input_shapes: dict | None = None, border_kernels: str = "fused"):
     """``(IRModule, output_names, quant_params)`` for a ModelProto, an IRModule, a QuantizedGraph (``to_qdq()``)
     or a float Graph (``to_onnx()``)."""
     import onnx
@@ -128,7 +128,7 @@ def to_irmodule(model, *, spec=None, input_shapes: dict | None = None):
     if _is_qdq(proto):
         from .realize import realize
 
-        mod = realize(proto, input_shapes=shapes, **_spec_realize_options(spec))
+        mod = realize(proto, input_shapes=shapes, border_kernels=border_kernels, **_spec_realize_options(spec))
         return mod, out_names, _quant_params(proto)
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -224,6 +224,54 @@ def lower_and_fuse(mod, target, *, avx2_int8: bool = False):
     with target:
         mod = tvm.transform.Sequential(seq)(mod)
     return mod, packed
+
+
+def schedule_border_kernels(mod):
+    """Give every border quantize/dequantize kernel (``realize(..., border_kernels="separate")``) a fixed schedule:
+    all loops fused, an outer parallel loop, an inner vector of 16, 8 or 4 lanes where one divides. These kernels are
+    one read and one write per element; tuning them would buy little and cost a task per activation shape.
+    Returns ``(mod, number scheduled)``."""
+    import tvm
+
+    from .realize import BORDER_ATTR
+
+    count = 0
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tvm.tirx.PrimFunc) or not (func.attrs and func.attrs.get(BORDER_ATTR)):
+            continue
+        if func.attrs.get("tirx.is_scheduled", False):
+            continue
+        sch = tvm.s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []
+        if len(blocks) == 1:
+            loops = sch.get_loops(blocks[0])
+            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            extent = int(sch.get(fused).extent)
+            lanes = next((v for v in (16, 8, 4) if extent % v == 0 and extent > v), 0)
+            if lanes:
+                outer, inner = sch.split(fused, [None, lanes])
+                sch.parallel(outer)
+                sch.vectorize(inner)
+            elif extent > 1:
+                sch.parallel(fused)
+        mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        count += 1
+    return mod, count
+
+
+def _has_root(sch) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def compute_kernel(func) -> bool:
+    """Whether a fused PrimFunc holds a convolution or a matrix product (a reduction over a weight): the kernels
+    that need tuning. Pooling, softmax, reductions over one tensor and elementwise kernels do not."""
+    text = func.script(show_meta=False)
+    return any(k in text for k in ("conv2d", "matmul", "dense", "conv1d", "conv3d", "batch_matmul"))
 
 
 def _touches_int8(func) -> bool:
@@ -465,7 +513,8 @@ def _main_signature(mod):
 
 def compile(model, target, *, tune_trials: int = 0, cache_dir: str | None = None, threads: int | None = None,  # noqa: A001
             progress: bool = True, input_shapes: dict | None = None, avx2_int8: bool | None = None,
-            seed: int | None = 0, int8_schedule: str = "manual") -> Artifact:
+            seed: int | None = 0, int8_schedule: str = "manual", border_kernels: str = "fused",
+            tune_scope: str = "all") -> Artifact:
     """Compile ``model`` for ``target`` (a TVM target dict/Target/string, or a HardwareSpec).
 
     ``tune_trials``: MetaSchedule trials per distinct kernel (0: no new tuning; records already in the cache are
@@ -474,13 +523,20 @@ def compile(model, target, *, tune_trials: int = 0, cache_dir: str | None = None
     ``avx2_int8``: use the packed int8 layouts and the AVX2 tensor intrinsic (default: on for AVX2 targets without
     VNNI). ``int8_schedule``: ``"manual"`` gives the packed int8 convolutions hago's hand-written schedule
     (register-blocked, tensorized; no tuning needed), ``"tune"`` leaves them to MetaSchedule. ``input_shapes``: ``{name: shape}`` for symbolic ONNX inputs (else symbolic dims become 1).
+    ``border_kernels``: ``"fused"`` (default) fuses the quantize/dequantize at the border of an integer region into
+    the neighbouring kernels; ``"separate"`` gives each a kernel of its own with a fixed schedule, so that a model
+    with float fallbacks reuses the tuned kernels of the all-float and all-integer models (the search measures
+    candidates this way). ``tune_scope``: ``"all"`` tunes every kernel without a record; ``"compute"`` only those
+    holding a conv or matmul (the others keep a record if the database has one, else TVM's default lowering).
     """
     import tvm
 
     t_start = time.perf_counter()
     spec = target if hasattr(target, "target") and isinstance(getattr(target, "target"), dict) else None
     tgt = make_target(target, threads=threads)
-    mod, out_names, qparams = to_irmodule(model, spec=spec, input_shapes=input_shapes)
+    if tune_scope not in ("all", "compute"):
+        raise CompileError(f"compile: tune_scope must be 'all' or 'compute', got {tune_scope!r}")
+    mod, out_names, qparams = to_irmodule(model, spec=spec, input_shapes=input_shapes, border_kernels=border_kernels)
     names, shapes, dtypes = _main_signature(mod)
     use_avx2 = _use_avx2_int8(tgt, avx2_int8)
     try:
@@ -489,6 +545,7 @@ def compile(model, target, *, tune_trials: int = 0, cache_dir: str | None = None
         raise
     except Exception as e:  # noqa: BLE001
         raise CompileError(f"compile: lowering for {tgt} failed: {type(e).__name__}: {e}") from e
+    fused, borders = schedule_border_kernels(fused)
     manual = 0
     if use_avx2 and int8_schedule == "manual":
         from . import x86_int8
@@ -507,7 +564,8 @@ def compile(model, target, *, tune_trials: int = 0, cache_dir: str | None = None
         space = x86_int8.space_generator()
     if tune_trials and tune_trials > 0:
         db, report = tune_module(fused, tgt, trials_per_task=int(tune_trials), database_dir=db_dir, progress=progress,
-                                 space=space, threads=threads, seed=seed, report=report)
+                                 space=space, threads=threads, seed=seed, report=report,
+                                 task_filter=compute_kernel if tune_scope == "compute" else None)
     elif os.path.exists(os.path.join(db_dir, "database_tuning_record.json")):
         db = open_database(db_dir)
     else:
@@ -520,7 +578,8 @@ def compile(model, target, *, tune_trials: int = 0, cache_dir: str | None = None
         raise CompileError(f"compile: building for {tgt} failed: {type(e).__name__}: {str(e)[-2000:]}") from e
     if out_names is None:
         out_names = []
-    info = {"avx2_int8": use_avx2, "packed_int8_ops": packed, "hand_scheduled_convs": manual, "compile_seconds": round(time.perf_counter() - t_start, 3),
+    info = {"avx2_int8": use_avx2, "packed_int8_ops": packed, "hand_scheduled_convs": manual,
+            "border_kernels": borders, "compile_seconds": round(time.perf_counter() - t_start, 3),
             "tvm": tvm.__version__}
     if not out_names:
         ret = mod["main"].ret_ty if hasattr(mod["main"], "ret_ty") else None

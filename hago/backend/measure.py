@@ -59,11 +59,16 @@ def stats_from_samples(samples_ms, device: str, threads: int | None = None) -> M
 
 
 def set_num_threads(n: int | None) -> None:
-    """Fix the TVM runtime's thread pool size in this process (``runtime.config_threadpool``)."""
+    """Fix the TVM runtime's thread pool size in this process (``runtime.config_threadpool``).
+
+    TVM binds its threads to cores counted from core 0 of the machine, ignoring the process's CPU mask: a
+    benchmark started with ``taskset -c 1`` would run on core 0, beside whatever the user put there. Unless the
+    user set ``TVM_BIND_THREADS``, binding is turned off, so the operating system's mask holds."""
     if not n:
         return
     import tvm
 
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
     os.environ["TVM_NUM_THREADS"] = str(int(n))
     f = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
     if f is not None:

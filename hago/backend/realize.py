@@ -72,6 +72,8 @@ __all__ = ["realize", "describe", "RealizeOptions"]
 _MAX_OPSET = 21
 _ACCUMULATORS = ("int32", "int16")
 _REQUANTIZE = ("fixed_point", "float")
+_BORDERS = ("fused", "separate")
+BORDER_ATTR = "hago.border"  # PrimFunc attribute of a border quantize/dequantize kernel (border_kernels="separate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +81,11 @@ class RealizeOptions:
     requantize: str = "fixed_point"
     accumulator: str = "int32"
     fold_relu: bool = True
+    border_kernels: str = "fused"
 
     def __post_init__(self):
+        if self.border_kernels not in _BORDERS:
+            raise CompileError(f"realize: border_kernels={self.border_kernels!r}, expected one of {_BORDERS}")
         if self.requantize not in _REQUANTIZE:
             raise CompileError(f"realize: requantize={self.requantize!r}, expected one of {_REQUANTIZE}")
         if self.accumulator not in _ACCUMULATORS:
@@ -284,6 +289,10 @@ class _Lowering:
             out = self.relax.const(np.asarray(v.array, dtype=np.float32), "float32")
         elif isinstance(v, _IntV):
             out = self.cast(v.expr, "float32")
+        elif isinstance(v, _QV) and self.opts.border_kernels == "separate":
+            out = self._border_dequantize(v)
+            if v.origin:
+                self._mark_dequantized(v.origin)
         elif isinstance(v, _QV):
             # onnxruntime's DequantizeLinear: (float)(int32(q) - zp) * scale
             x = self.cast(v.expr, "int32")
@@ -308,6 +317,38 @@ class _Lowering:
             raise TypeError(type(v))
         self._floats[key] = (v, out)
         return out
+
+    # ---- border kernels of their own (border_kernels="separate")
+    # The quantize of a float tensor and the dequantize of an integer one are then kernels that FuseOps leaves alone
+    # (op pattern opaque): a float conv keeps the kernel it has in the all-float model and an integer conv the one it
+    # has in the all-integer model, so a mixed configuration reuses both models' tuned kernels (see
+    # hago.backend.compile.lower_and_fuse). Same arithmetic as the fused form.
+    def _border_dequantize(self, v: "_QV"):
+        from tvm import te
+
+        zp, scale = int(v.zp), np.float32(v.scale)
+
+        def dequantize(q):
+            return te.compute(q.shape, lambda *i: (q[i].astype("int32") - zp).astype("float32") * scale,
+                              name="dequantized")
+
+        return self.emit(self.bb.call_te(dequantize, v.expr, primfunc_name_hint="hago_border_dequantize",
+                                         primfunc_attrs={BORDER_ATTR: 1, "op_pattern": 8}))
+
+    def _border_quantize(self, xf, scale, zp, dtype, qmin, qmax):
+        from tvm import te
+
+        s, z = np.float32(scale), np.float32(zp)
+
+        def quantize(x):
+            def f(*i):
+                y = te.round(x[i].astype("float32") / s) + z
+                return te.max(te.min(y, np.float32(qmax)), np.float32(qmin)).astype(dtype)
+
+            return te.compute(x.shape, f, name="quantized")
+
+        return self.emit(self.bb.call_te(quantize, xf, primfunc_name_hint="hago_border_quantize",
+                                         primfunc_attrs={BORDER_ATTR: 1, "op_pattern": 8}))
 
     def _mark_dequantized(self, dq_name: str):
         for r in self.records:
@@ -781,6 +822,8 @@ class _Lowering:
 
     def _float_quantize(self, xf, scale, zp, dtype, qmin, qmax):
         R = self.R
+        if self.opts.border_kernels == "separate":
+            return self._border_quantize(xf, scale, zp, dtype, qmin, qmax)
         if (qmin, qmax) == dtype_range(dtype):
             return self.emit(
                 R.quantize(xf, self.const(np.float32(scale), "float32"), self.const(zp, dtype), axis=-1, out_dtype=dtype)
@@ -1561,24 +1604,28 @@ def _replace_global_vars(func, gv_map):
 # public API
 
 
-def _lower(model, requantize, accumulator, fold_relu, input_shapes):
+def _lower(model, requantize, accumulator, fold_relu, input_shapes, border_kernels="fused"):
     if not isinstance(model, onnx.ModelProto):
         raise ModelError(f"realize: expected an onnx.ModelProto, got {type(model).__name__}")
-    opts = RealizeOptions(requantize=requantize, accumulator=accumulator, fold_relu=bool(fold_relu))
+    opts = RealizeOptions(requantize=requantize, accumulator=accumulator, fold_relu=bool(fold_relu),
+                          border_kernels=border_kernels)
     return _Lowering(model, opts, input_shapes).run()
 
 
 def realize(model: onnx.ModelProto, *, requantize: str = "fixed_point", accumulator: str = "int32",
-            fold_relu: bool = True, input_shapes: dict | None = None):
+            fold_relu: bool = True, input_shapes: dict | None = None, border_kernels: str = "fused"):
     """Lower a QDQ ONNX model to a Relax ``IRModule`` (one ``main``: float inputs -> outputs).
 
     ``requantize``: ``"fixed_point"`` (31-bit multiplier and rounding right shift in int64, ties to even) or ``"float"``
     (float32 multiply, round half to even). ``accumulator``: ``"int32"`` or ``"int16"`` (the out_dtype of the integer
     conv2d/matmul; int16 wraps on overflow like the hardware it models). ``fold_relu``: fold Relu/Clip into the
     requantize clip bounds (else an extra integer clip after requantize; same numbers).
-    ``input_shapes`` overrides symbolic input dimensions.
+    ``input_shapes`` overrides symbolic input dimensions. ``border_kernels``: ``"fused"`` lets TVM fuse the quantize
+    of a float tensor and the dequantize of an integer one into the neighbouring kernels; ``"separate"`` makes each
+    a kernel of its own (PrimFunc attribute ``hago.border``), so that the kernels of a model with float fallbacks
+    are those of the all-float and all-integer models (tuned once; what the latency-measured search needs).
     """
-    mod, _records = _lower(model, requantize, accumulator, fold_relu, input_shapes)
+    mod, _records = _lower(model, requantize, accumulator, fold_relu, input_shapes, border_kernels)
     return mod
 
 

@@ -118,7 +118,38 @@ def kernel_tasks(mod) -> list[_Task]:
     return list(seen.values())
 
 
+_OPEN_DBS: dict = {}  # path -> (file stamp, JSONDatabase): opening a large database costs tens of seconds
+
+
+def _db_stamp(path: str) -> tuple:
+    out = []
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        try:
+            st = os.stat(os.path.join(path, name))
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def _remember_database(path: str, db) -> None:
+    """Keep ``db`` as the open database of ``path`` as long as its files are not changed by someone else (the
+    records ``db`` itself appends are in it already)."""
+    _OPEN_DBS[os.path.abspath(path)] = (_db_stamp(path), db)
+
+
 def open_database(path: str):
+    """The MetaSchedule JSON database at ``path``; opened once per process while its files do not change (a
+    search compiles hundreds of candidates against one database)."""
+    cached = _OPEN_DBS.get(os.path.abspath(path))
+    if cached is not None and cached[0] == _db_stamp(path):
+        return cached[1]
+    db = _open_database(path)
+    _remember_database(path, db)
+    return db
+
+
+def _open_database(path: str):
     from tvm.s_tir import meta_schedule as ms
 
     from .x86_int8 import register_intrinsics
@@ -307,12 +338,12 @@ def _evolutionary(trials_per_task: int):
 
 def tune_module(mod, target, *, trials_per_task: int, database_dir: str, progress: bool = True,
                 space=None, threads: int | None = None, seed: int | None = 0,
-                report: TuningReport | None = None, in_process: bool | None = None):
+                report: TuningReport | None = None, in_process: bool | None = None, task_filter=None):
     """Tune the kernels of ``mod`` (fused Relax module) that need it; return ``(database, report)``.
 
     ``space``: a MetaSchedule space generator (e.g. :func:`hago.backend.x86_int8.space_generator`) or None for
     TVM's default for the target. ``threads``: thread count the candidates run with (the runtime thread pool,
-    TVM_NUM_THREADS for worker processes).
+    TVM_NUM_THREADS for worker processes). ``task_filter``: ``PrimFunc -> bool``, which kernels may be tuned.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -323,6 +354,8 @@ def tune_module(mod, target, *, trials_per_task: int, database_dir: str, progres
     t0 = time.perf_counter()
     db = open_database(database_dir)
     tasks = kernel_tasks(mod)
+    if task_filter is not None:  # e.g. only the conv/matmul kernels: the others keep records or default lowering
+        tasks = [t for t in tasks if task_filter(t.mod["main"])]
     report.tasks = len(tasks)
     if trials_per_task <= 0 or not tasks:
         report.cached_tasks = len(tasks)
@@ -420,6 +453,7 @@ def tune_module(mod, target, *, trials_per_task: int, database_dir: str, progres
         ledger[t.key] = entry
     report.tuned_tasks = len(todo)
     _write_ledger(database_dir, ledger)
+    _remember_database(database_dir, db)  # its new records are in memory and on disk: no reopening
     report.seconds = time.perf_counter() - t0
     return db, report
 

@@ -77,9 +77,17 @@ class OrtLatency:
 
 
 class TvmLatency:
-    """Latency of the TVM-compiled integer code (hago.compile + hago.measure), locally or over RPC."""
+    """Latency of the TVM-compiled integer code (hago.compile + hago.measure), locally or over RPC.
+
+    Candidates are compiled with ``border_kernels="separate"`` and ``tune_scope="compute"`` (see
+    :func:`hago.compile`): the quantize/dequantize at each float/integer border is a kernel of its own, so a float
+    conv keeps the kernel it has in the all-float model and an integer conv the one it has in the all-integer model,
+    and once those two models are tuned a mixed configuration needs no new tuning (its remaining new kernels are
+    elementwise or requantize+concat kernels, which are not tuned). The artifact of the search's result must be
+    compiled the same way (:attr:`compile_options`) to run at the measured speed."""
 
     name = "tvm"
+    compile_options = {"border_kernels": "separate", "tune_scope": "compute"}
 
     def __init__(self, spec, *, tune_trials: int = 0, cache_dir: str | None = None, threads: int | None = None,
                  rpc=None, repeat: int = 20):
@@ -92,7 +100,7 @@ class TvmLatency:
         import hago
 
         art = hago.compile(qg, self.spec, tune_trials=self.tune_trials, cache_dir=self.cache_dir, threads=self.threads,
-                           progress=False)
+                           progress=False, **self.compile_options)
         stats = hago.measure(art, None, repeat=self.repeat, threads=self.threads, rpc=self.rpc)
         return float(stats.median_ms)
 
