@@ -243,6 +243,8 @@ def main():
     ap.add_argument("--skip-table", action="store_true", help="skip the per-model table (searched vs FP32 vs INT8)")
     ap.add_argument("--tune-trials", type=int, default=16, help="--measure tvm: MetaSchedule trials per new kernel")
     ap.add_argument("--cache-dir", help="--measure tvm: tuning database (warm it with bench_models.py)")
+    ap.add_argument("--latency-cache", help="the searches' latency database (default: a fresh one per search, so a "
+                    "search measures every trial itself; pass a directory to start warm from earlier searches)")
     ap.add_argument("--log", help="write each search's trials here (JSON lines; MODEL in the name is replaced)")
     ap.add_argument("--progress", action="store_true", help="show the search's progress bar (ETA, best so far)")
     ap.add_argument("--calib", type=int, default=8)
@@ -263,9 +265,11 @@ def main():
         with tempfile.TemporaryDirectory() as d:
             m_ort8 = ort_int8(g.to_onnx(), calib, d)
         t0 = time.perf_counter()
-        res = hago.search(g, "x86_avx2", calib, ev, metric, max_drop=a.max_drop, strategy="model", budget=a.budget,
-                          measure=tvml or (a.measure if a.measure != "onnxruntime" else ortl), threads=a.threads,
-                          progress=a.progress, log=a.log.replace("MODEL", name) if a.log else None)
+        with tempfile.TemporaryDirectory() as cache:
+            res = hago.search(g, "x86_avx2", calib, ev, metric, max_drop=a.max_drop, strategy="model",
+                              budget=a.budget, measure=tvml or (a.measure if a.measure != "onnxruntime" else ortl),
+                              threads=a.threads, progress=a.progress, cache_dir=a.latency_cache or cache,
+                              log=a.log.replace("MODEL", name) if a.log else None)
         t_search = time.perf_counter() - t0
         from hago.search.space import Config
 

@@ -137,6 +137,25 @@ def test_confirm_remeasures_finalists(setup, tmp_path):
     assert rows[all_int[0].config.key()]["confirmed"] == 4
 
 
+def test_tvm_search_compiles_each_config_once(setup, tmp_path):
+    """With TVM latency every candidate is compiled and timed for real; the final side-by-side rounds re-time the
+    finalists on the artifacts compiled for their trials (a ResNet-50 candidate takes ~12 s to compile)."""
+    pytest.importorskip("tvm")
+    from hago.search.latency import TvmLatency
+
+    g, c, e = setup
+    m = TvmLatency(hago.load_spec("x86_avx2"), cache_dir=str(tmp_path / "tune"), threads=1, repeat=5)
+    qg = hago.quantize(g, "x86_avx2", c, method="minmax")
+    t1, t2 = m(qg), m(qg)
+    assert t1 > 0 and t2 > 0 and m.compiles == 1  # same QDQ model: one compile
+    r = hago.search(g, "x86_avx2", c, e, strategy="random", budget=3, seed=0, measure=m, confirm=2, max_drop=5.0,
+                    cache_dir=str(tmp_path / "cache"), progress=False)
+    measured = {t.config.key() for t in r.history if t.latency_ms is not None}
+    assert r.best is not None and r.best.latency_ms > 0
+    assert any(t.confirmed for t in r.history)  # the confirmation rounds ran ...
+    assert m.compiles <= 1 + len(measured)  # ... without compiling a finalist again
+
+
 def test_log_from_other_model_refused(setup, tmp_path):
     log = str(tmp_path / "s.jsonl")
     _run(setup, tmp_path, strategy="random", budget=3, log=log)

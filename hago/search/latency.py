@@ -90,18 +90,43 @@ class TvmLatency:
     compile_options = {"border_kernels": "separate", "tune_scope": "compute"}
 
     def __init__(self, spec, *, tune_trials: int = 0, cache_dir: str | None = None, threads: int | None = None,
-                 rpc=None, repeat: int = 20):
+                 rpc=None, repeat: int = 20, warmup: int = 3, max_seconds: float = 4.0, keep: int = 8):
+        """``repeat`` timed runs after ``warmup``, but a slow model stops at about ``max_seconds`` of timed runs
+        (at least 5): a 500 ms model is not run 20 times per candidate. ``keep``: compiled artifacts kept, keyed
+        by the QDQ model they were compiled from, so the search's final side-by-side rounds re-time a finalist
+        without compiling it again."""
         self.spec, self.tune_trials, self.cache_dir, self.threads, self.rpc, self.repeat = (
             spec, tune_trials, cache_dir, threads, rpc, repeat)
+        self.warmup, self.max_seconds, self.keep = warmup, max_seconds, keep
+        self._artifacts: dict[str, object] = {}  # QDQ digest -> Artifact, least recently used first
+        self.compiles = 0
         tgt = json.dumps(spec.target, sort_keys=True)
         self.target_key = "tvm-" + hashlib.sha1(f"{tgt}|{rpc}|{threads}".encode()).hexdigest()[:12]
+
+    def artifact(self, qg):
+        """The compiled artifact of ``qg`` (compiled once per distinct QDQ model among the last ``keep``)."""
+        import hago
+
+        key = hashlib.sha1(qg.to_qdq().SerializeToString(deterministic=True)).hexdigest()
+        art = self._artifacts.pop(key, None)
+        if art is None:
+            art = hago.compile(qg, self.spec, tune_trials=self.tune_trials, cache_dir=self.cache_dir,
+                               threads=self.threads, progress=False, **self.compile_options)
+            self.compiles += 1
+        self._artifacts[key] = art
+        while len(self._artifacts) > max(self.keep, 1):
+            self._artifacts.pop(next(iter(self._artifacts)))
+        return art
 
     def __call__(self, qg) -> float:
         import hago
 
-        art = hago.compile(qg, self.spec, tune_trials=self.tune_trials, cache_dir=self.cache_dir, threads=self.threads,
-                           progress=False, **self.compile_options)
-        stats = hago.measure(art, None, repeat=self.repeat, threads=self.threads, rpc=self.rpc)
+        art = self.artifact(qg)
+        repeat = self.repeat
+        if self.rpc is None and self.max_seconds:  # size the timed runs by one run's time
+            one = hago.measure(art, None, repeat=1, warmup=max(self.warmup - 1, 0), threads=self.threads).median_ms
+            repeat = int(min(self.repeat, max(5, np.ceil(self.max_seconds * 1e3 / max(one, 1e-3)))))
+        stats = hago.measure(art, None, repeat=repeat, warmup=1, threads=self.threads, rpc=self.rpc)
         return float(stats.median_ms)
 
 
