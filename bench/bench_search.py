@@ -112,14 +112,15 @@ class _Proto:
         return self.m
 
 
-def spearman_eval(name, n_cfg, ortl, splits=20, prior=True):
+def spearman_eval(name, n_cfg, measurer, splits=20, prior=True):
     """Held-out Spearman of the latency model on ``n_cfg`` random configs of ``name`` (random subsets of the
     candidate nodes kept float, the rest int8), each measured twice (two passes over all configs; y = their mean,
     and the pass-to-pass Spearman is the measurement's own ceiling). Fixed split: fit on the first 70%, rank the
     rest; plus ``splits`` random 70/30 splits (mean and min). Held-out configs are never used in fitting; the prior's
-    8 profiled configs are fixed depth patterns, not random configs."""
+    8 profiled configs are fixed depth patterns, not random configs. ``measurer``: onnxruntime (with the profile
+    prior) or TVM (``--measure tvm``: no per-node profile, so the features alone)."""
     from hago.search.evaluate import Evaluator
-    from hago.search.latency import FeatureMap, LatencyModel, ProfilePrior, spearman
+    from hago.search.latency import FeatureMap, KernelProfilePrior, LatencyModel, ProfilePrior, spearman
     from hago.search.space import Config, build_space
 
     g = hago.load(get_model(name))
@@ -129,7 +130,12 @@ def spearman_eval(name, n_cfg, ortl, splits=20, prior=True):
     space = build_space(g, ev.spec)
     fm = FeatureMap(g, space)
     t0 = time.perf_counter()
-    pr = ProfilePrior.measure(g, space, ev.build, ortl.profile, regions=fm.regions) if prior else None
+    prof, kprof = getattr(measurer, "profile", None), getattr(measurer, "kernel_profile", None)
+    pr = None
+    if prior and prof:  # onnxruntime: per-node profiles of 8 configs
+        pr = ProfilePrior.measure(g, space, ev.build, prof, regions=fm.regions)
+    elif prior and kprof:  # TVM: per-kernel profiles of the all-float and all-integer artifacts
+        pr = KernelProfilePrior.measure(g, space, ev.build, kprof, regions=fm.regions)
     t_prior = time.perf_counter() - t0
     fm.set_prior(pr)
     rs = np.random.RandomState(0)
@@ -139,7 +145,7 @@ def spearman_eval(name, n_cfg, ortl, splits=20, prior=True):
         cfgs.append(Config.make({}, [n for n in space.nodes if rs.rand() < p], "mse", space))
     t0 = time.perf_counter()
     qgs = [ev.build(c) for c in cfgs]
-    passes = [[ortl(q) for q in qgs] for _ in range(2)]
+    passes = [[measurer(q) for q in qgs] for _ in range(2)]
     t_meas = time.perf_counter() - t0
     y1, y2 = np.array(passes[0]), np.array(passes[1])
     if os.environ.get("HAGO_BENCH_SAVE"):  # the raw measurements, to re-analyse without re-measuring
@@ -162,9 +168,10 @@ def spearman_eval(name, n_cfg, ortl, splits=20, prior=True):
     perms = [np.random.RandomState(1 + i).permutation(n_cfg) for i in range(splits)]
     perms = [(pm[:k], pm[k:]) for pm in perms]
     fixed = (np.arange(k), np.arange(k, n_cfg))
-    print(f"\nlatency model on {name}: {n_cfg} random configs ({len(space.nodes)} candidate nodes), each measured "
+    print(f"\nlatency model on {name} ({getattr(measurer, 'name', 'custom')} latency): {n_cfg} random configs "
+          f"({len(space.nodes)} candidate nodes), each measured "
           f"twice ({t_meas:.0f} s); measured range {y.min():.2f}-{y.max():.2f} ms; "
-          + (f"prior from 8 profiled configs ({t_prior:.1f} s)" if pr else "no prior"))
+          + (f"prior from {pr.profiled_configs} profiled configs ({t_prior:.1f} s)" if pr else "no prior"))
     print(f"  measurement ceiling (pass 1 vs pass 2): Spearman {spearman(y1, y2):.3f} over all, "
           f"{spearman(y1[k:], y2[k:]):.3f} on the fixed held-out {n_cfg - k}, mean "
           f"{np.mean([spearman(y1[te], y2[te]) for _, te in perms]):.3f} over the {splits} held-out sets")
@@ -338,7 +345,9 @@ def main():
 
     if a.spearman:
         for name in a.models.split(","):
-            spearman_eval(name, a.spearman, ortl, splits=a.splits, prior=not a.no_prior)
+            if tvml is not None:  # keep every config's artifact: the second pass re-times without compiling
+                tvml.keep = max(tvml.keep, a.spearman)
+            spearman_eval(name, a.spearman, tvml or ortl, splits=a.splits, prior=not a.no_prior)
 
     if a.compare_strategies:
         name = a.models.split(",")[0]

@@ -156,6 +156,39 @@ def test_tvm_search_compiles_each_config_once(setup, tmp_path):
     assert m.compiles <= 1 + len(measured)  # ... without compiling a finalist again
 
 
+def test_kernel_profile_prior_matches_every_conv(setup, tmp_path):
+    """Every Conv of the graph finds its kernel in the real profiles of the all-float artifact (TVM's float conv)
+    and of the all-integer one (hago's packed int8 conv), and the prior of those two configs is their profiled
+    time; a mixed config pays the float kernel of its float convs, the integer kernel of the others, and the
+    border cost per element."""
+    pytest.importorskip("tvm")
+    from hago.search.evaluate import Evaluator
+    from hago.search.latency import KernelProfilePrior, Regions, TvmLatency
+    from hago.search.space import build_space
+
+    g, c, e = setup
+    spec = hago.load_spec("x86_avx2")
+    ev = Evaluator(g, spec, c, e)
+    space = build_space(g, spec)
+    m = TvmLatency(spec, cache_dir=str(tmp_path / "tune"), threads=1)
+    reg = Regions(g, spec)
+    pr = KernelProfilePrior.measure(g, space, ev.build, m.kernel_profile, regions=reg)
+    convs = [n.name for n in g.nodes() if n.op_type == "Conv"]
+    assert convs and set(pr.node_key) == set(convs)
+    for n in convs:
+        assert (pr.node_key[n], False) in pr.time and (pr.node_key[n], True) in pr.time
+    assert pr.q_per_elem > 0  # the input's border quantize kernel
+    t_f, t_i = pr(reg(frozenset(space.nodes))), pr(reg(frozenset()))
+    fl_parts, int_parts = pr.parts(reg(frozenset(space.nodes))), pr.parts(reg(frozenset()))
+    assert fl_parts[1] == 0 and int_parts[0] == 0 and t_f > 0 and t_i > 0
+    one = frozenset([convs[0]])
+    mixed = pr.parts(reg(one))
+    assert mixed[0] == pytest.approx(pr.time[(pr.node_key[convs[0]], False)] /
+                                     sum(1 for n in convs if pr.node_key[n] == pr.node_key[convs[0]]) *
+                                     sum(1 for n in convs if pr.node_key[n] == pr.node_key[convs[0]] and n in one))
+    assert mixed[2] > int_parts[2]  # a float conv inside the integer model adds borders
+
+
 def test_log_from_other_model_refused(setup, tmp_path):
     log = str(tmp_path / "s.jsonl")
     _run(setup, tmp_path, strategy="random", budget=3, log=log)
@@ -391,6 +424,33 @@ class ProfilingLatency(FakeLatency):
         self.profiled += 1
         return [{"node": n.name, "op": n.op_type, "ms": (1.0 if qg.graph.region(n) == "int" else 2.0)}
                 for n in qg.graph.nodes() if n.op_type in ("Conv", "Gemm")]
+
+
+class KernelProfilingLatency(FakeLatency):
+    """A fake TVM-like target that profiles per kernel: each conv kernel named by its shapes, as
+    :func:`hago.backend.measure.profile` reports them."""
+
+    def __init__(self):
+        super().__init__()
+        self.profiled = 0
+
+    def kernel_profile(self, qg):
+        self.profiled += 1
+        rows = []
+        for n in qg.graph.nodes():
+            if n.op_type == "Conv":
+                sh = [list(n.inputs[0].shape), list(n.inputs[1].shape), list(n.outputs[0].shape)]
+                rows.append({"kernel": f"conv_{n.name}", "ms": 1.0 if qg.graph.region(n) == "int" else 2.0,
+                             "calls": 1, "shapes": sh})
+        return rows + [{"kernel": "hago_border_quantize", "ms": 0.01, "calls": 1, "shapes": [[8, 3, 16, 16]] * 2}]
+
+
+def test_model_search_builds_the_kernel_profile_prior(setup, tmp_path):
+    """A measurer with ``kernel_profile`` (local TVM) gets the kernel-profile prior: two profiled configs."""
+    m = KernelProfilingLatency()
+    r = _run(setup, tmp_path, strategy="model", budget=16, max_drop=2.0, measure=m)
+    assert m.profiled == 2 and r.latency_model["prior"]["kind"] == "KernelProfilePrior"
+    assert r.latency_model["prior"]["profiled_configs"] == 2
 
 
 def test_model_search_builds_the_profile_prior(setup, tmp_path):

@@ -30,7 +30,8 @@ from ..hwspec import load_spec
 from ..ir import Graph, load
 from ..ir.annotation import EdgeAnnotation
 from .evaluate import Evaluator, multipoint_weights, prepare
-from .latency import FeatureMap, LatencyDB, LatencyModel, ProfilePrior, SparqLatencyTerm, make_measurer
+from .latency import (FeatureMap, KernelProfilePrior, LatencyDB, LatencyModel, ProfilePrior, SparqLatencyTerm,
+                      make_measurer)
 from .log import TrialLog, read_log
 from .space import Config, build_space
 from .strategies import STRATEGIES
@@ -347,26 +348,33 @@ class Driver:
         return np.hstack([X, s])
 
     def latency_prior(self) -> None:
-        """Once per search, where the measurer can profile per node (onnxruntime): the profile-composed prior of
-        the latency model (:class:`ProfilePrior`, 8 profiled configs, not counted as trials). Without it (TVM
-        latency) the model works on the config features alone."""
+        """Once per search, where the measurer can profile: the profile-composed prior of the latency model.
+        onnxruntime profiles per node (:class:`ProfilePrior`, 8 profiled configs); local TVM per kernel
+        (:class:`KernelProfilePrior`, the all-float and all-integer artifacts). Neither is counted as a trial.
+        Without one (a custom measurer, TVM over RPC) the model works on the config features alone."""
         if self._prior_done:
             return
         self._prior_done = True
         prof = getattr(self.measurer, "profile", None)
-        if prof is None:
+        kprof = getattr(self.measurer, "kernel_profile", None) if getattr(self.measurer, "rpc", None) is None else None
+        if prof is None and kprof is None:
             return
         t0 = time.perf_counter()
         try:
-            pr = ProfilePrior.measure(self.graph, self.space, self.ev.build, prof, method=self.default_method,
-                                      regions=self.features.regions)
+            if prof is not None:
+                pr = ProfilePrior.measure(self.graph, self.space, self.ev.build, prof, method=self.default_method,
+                                          regions=self.features.regions)
+            else:
+                pr = KernelProfilePrior.measure(self.graph, self.space, self.ev.build, kprof,
+                                                method=self.default_method, regions=self.features.regions)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - a profile that fails leaves the model without its prior
             self.prior_info = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             return
         self.features.set_prior(pr)
-        self.prior_info = {"profiled_configs": len(pr.u), "seconds": round(time.perf_counter() - t0, 2)}
+        self.prior_info = {"kind": type(pr).__name__, "profiled_configs": pr.profiled_configs,
+                           "seconds": round(time.perf_counter() - t0, 2)}
         self._lat_model = None
 
     def predict_latency(self, cfgs) -> np.ndarray:

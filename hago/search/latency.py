@@ -5,9 +5,11 @@ whole-model latency from per-config features (integer and float MACs per op
 class, per-node precision, bytes crossing int/float boundaries of the regions
 the config really gets) on the measurements made so far, asks it about many
 candidates, and measures only the most promising ones (active learning).
-Where the measurer can profile per node (onnxruntime), a profile-composed
-prior (:class:`ProfilePrior`: per-node times of 8 profiled configs, summed per
-config) is one of the features and the model corrects its residual. Measurements are kept in a JSON-lines
+Where the measurer can profile, a profile-composed prior is one of the
+features and the model corrects its residual: per node on onnxruntime
+(:class:`ProfilePrior`: per-node times of 8 profiled configs, summed per
+config), per kernel on local TVM (:class:`KernelProfilePrior`: the conv kernels
+of the all-float and all-integer artifacts, which a mixed candidate reuses). Measurements are kept in a JSON-lines
 database per target and model so a later search starts warm.
 
 SPARQ has no kernel here: where a spec declares SPARQ and the measurer has no
@@ -117,6 +119,15 @@ class TvmLatency:
         while len(self._artifacts) > max(self.keep, 1):
             self._artifacts.pop(next(iter(self._artifacts)))
         return art
+
+    def kernel_profile(self, qg, runs: int = 10) -> list[dict]:
+        """Per-kernel time of ``qg``'s artifact (:func:`hago.backend.measure.profile`; local artifacts only):
+        the rows of the latency model's :class:`KernelProfilePrior`."""
+        from ..backend.measure import profile
+
+        if self.rpc is not None:
+            raise HagoError("kernel_profile: per-kernel profiles are taken locally, not over RPC")
+        return profile(self.artifact(qg), runs=runs, threads=self.threads)
 
     def __call__(self, qg) -> float:
         import hago
@@ -327,6 +338,10 @@ class ProfilePrior:
             el.append(regions.boundaries(is_int)[1])
         self.layout_per_elem = max(sum(ex) / sum(el), 0.0) if el and sum(el) > 0 else 0.0
 
+    @property
+    def profiled_configs(self) -> int:
+        return len(self.u)
+
     def _key(self, g: str, is_int: dict) -> tuple:
         """A group's time depends on its own precision and its neighbours' (onnxruntime's layout choices: NCHWc
         only inside float runs; Q moved above a float MaxPool whose consumer is integer, which then runs on uint8)."""
@@ -396,6 +411,93 @@ class ProfilePrior:
         fls = [frozenset(space.nodes), frozenset()] + ProfilePrior.patterns(graph, space)
         profs = [(fl, profile(build(Config.make({}, fl, method, space)), runs)) for fl in fls]
         return ProfilePrior(graph, regions, profs)
+
+
+def _conv_key(data, weight, out) -> tuple | None:
+    """A conv's identity in a kernel profile: (input channels, kernel H, W, output C, H, W). Float kernels take
+    OIHW weights, hago's packed int8 kernels ``[O/16, I/ib, KH, KW, ...]``: KH, KW sit at positions 2, 3 in both.
+    The input's height and width are left out: TVM may pad the input in a kernel of its own, so a conv kernel can
+    read the padded input."""
+    if len(data) != 4 or len(weight) < 4 or len(out) != 4:
+        return None
+    return tuple(int(d) for d in (data[1], weight[2], weight[3], out[1], out[2], out[3]))
+
+
+class KernelProfilePrior:
+    """The latency prior for TVM-compiled candidates, composed from the per-kernel profiles of two artifacts: the
+    all-float and the all-integer model (:func:`hago.backend.measure.profile`).
+
+    A candidate is compiled with separate border kernels (:class:`TvmLatency`), so a float conv runs the kernel it
+    has in the all-float model and an integer conv the one it has in the all-integer model: its time is close to
+    ``sum over convs of time[conv, its precision] + border cost per element x elements crossing int/float borders +
+    the rest`` (pools, concats, the VM's allocations: interpolated between the two models by the integer share of
+    the conv time). Conv kernels are matched to graph nodes by their shapes (input, kernel window, output); convs
+    of the same shapes share their kernel's time. The border cost per element is the all-integer model's input
+    quantize kernel's. Same interface as :class:`ProfilePrior` (``parts``, ``__call__``)."""
+
+    def __init__(self, graph: Graph, regions: Regions, float_rows: list[dict], int_rows: list[dict]):
+        self.regions = regions
+        self.node_key: dict[str, tuple] = {}
+        for n in graph.nodes():
+            if n.op_type != "Conv" or len(n.inputs) < 2 or not n.outputs:
+                continue
+            x, w, y = n.inputs[0], n.inputs[1], n.outputs[0]
+            shapes = [list(v.shape) if v is not None and v.shape is not None else None for v in (x, w, y)]
+            if any(sh is None for sh in shapes):
+                continue
+            try:  # the batch dimension may be symbolic: the key does not use it
+                k = _conv_key(*shapes)
+            except (TypeError, ValueError):
+                continue
+            if k is not None:
+                self.node_key[n.name] = k
+        count: dict[tuple, int] = {}
+        for k in self.node_key.values():
+            count[k] = count.get(k, 0) + 1
+        self.time: dict[tuple, float] = {}  # (conv key, integer?) -> ms per conv
+        self.rest = [0.0, 0.0]  # ms outside matched conv kernels: float model, integer model
+        self.q_per_elem = 0.0
+        for i, rows in enumerate((float_rows, int_rows)):
+            for r in rows:
+                sh = r.get("shapes") or []
+                k = _conv_key(sh[0], sh[1], sh[-1]) if len(sh) >= 3 else None
+                if k is not None and k in count:
+                    self.time[(k, bool(i))] = self.time.get((k, bool(i)), 0.0) + float(r["ms"]) / count[k]
+                    continue
+                self.rest[i] += float(r["ms"])
+                if i == 1 and "border_quantize" in r["kernel"] and sh:
+                    self.q_per_elem = max(self.q_per_elem, float(r["ms"]) / max(float(np.prod(sh[0])), 1.0))
+
+    profiled_configs = 2
+
+    def _conv_ms(self, n: str, integer: bool) -> float:
+        k = self.node_key[n]
+        return self.time.get((k, integer), self.time.get((k, not integer), 0.0))
+
+    def parts(self, is_int: dict[str, bool]) -> tuple[float, float, float, float]:
+        """(float conv ms, integer conv ms, border ms, the rest) of a config's regions."""
+        fl = it = 0.0
+        for n in self.node_key:
+            if is_int.get(n, False):
+                it += self._conv_ms(n, True)
+            else:
+                fl += self._conv_ms(n, False)
+        total_i = sum(self._conv_ms(n, True) for n in self.node_key) or 1.0
+        share = it / total_i
+        _, el = self.regions.boundaries(is_int)
+        return fl, it, self.q_per_elem * el, share * self.rest[1] + (1.0 - share) * self.rest[0]
+
+    def __call__(self, is_int: dict[str, bool]) -> float:
+        return float(sum(self.parts(is_int)))
+
+    @staticmethod
+    def measure(graph: Graph, space: SearchSpace, build, kernel_profile, method: str = "mse",
+                regions: "Regions | None" = None) -> "KernelProfilePrior":
+        """Profile the all-float and the all-integer configs: ``kernel_profile(qg) -> rows`` (e.g.
+        :meth:`TvmLatency.kernel_profile`)."""
+        regions = regions or Regions(graph, space.spec)
+        rows = [kernel_profile(build(Config.make({}, fl, method, space))) for fl in (space.nodes, ())]
+        return KernelProfilePrior(graph, regions, rows[0], rows[1])
 
 
 class FeatureMap:
