@@ -2,13 +2,14 @@
 budget) vs onnxruntime FP32 vs onnxruntime INT8 (QDQ), batch 1, same thread count, one run.
 
     python bench/bench_models.py [--models squeezenet,mobilenetv2,resnet50] [--threads 1] [--trials 16]
-                                 [--cache-dir DIR] [--profile 8] [--json out.json]
+                                 [--cache-dir DIR] [--profile 8] [--json out.json] [--spec host]
 
 Models: random-weight versions of the onnx package's light graphs (ResNet-50, SqueezeNet) and a
 MobileNetV2-shaped network from ``hago.examples.zoo`` (depthwise convs), 224x224 inputs.
-hago INT8 is ``hago.quantize(g, "x86_avx2", calib)`` (u8 activations, 7-bit per-channel weights) compiled
-with ``hago.compile(qg, "x86_avx2", tune_trials=N)``: integer convs in the packed layouts with the AVX2
-``vpmaddubsw`` intrinsic, MetaSchedule-tuned. TVM FP32 is the float graph through the same call and budget.
+hago INT8 is ``hago.quantize(g, spec, calib)`` compiled with ``hago.compile(qg, spec, tune_trials=N)``; the spec
+is ``--spec`` (default ``host``: ``x86_avx512_vnni`` on a CPU with AVX-512 VNNI, 8-bit per-channel weights, integer
+convs in the packed layouts with the ``vpdpbusd`` intrinsic; ``x86_avx2`` on AVX2 only, 7-bit weights,
+``vpmaddubsw``), hand-scheduled convs, other kernels MetaSchedule-tuned. TVM FP32 is the float graph through the same call and budget.
 onnxruntime INT8 is ``quantize_static`` (QDQ, per-channel, u8/s8) on the same calibration samples.
 
 Checks printed per model: hago INT8 vs onnxruntime running hago's own QDQ model (top-1 agreement and max
@@ -55,12 +56,16 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir")
     ap.add_argument("--profile", type=int, default=8)
     ap.add_argument("--json")
+    ap.add_argument("--spec", default="host",
+                    help="hardware spec for hago INT8 and the TVM FP32 target (default: the shipped spec of this CPU)")
     args = ap.parse_args(argv)
+    spec = hago.load_spec(args.spec)
 
     from hago.backend.measure import measure, measure_onnxruntime
 
     cache = args.cache_dir or tempfile.mkdtemp(prefix="hago-bench-models-")
-    print(f"machine: {machine()}; threads {args.threads}; {args.trials} MetaSchedule trials per kernel; cache {cache}",
+    print(f"machine: {machine()}; spec {spec.name}; threads {args.threads}; {args.trials} MetaSchedule trials per "
+          f"kernel; cache {cache}",
           flush=True)
     results = []
     for name in args.models.split(","):
@@ -78,7 +83,7 @@ def main(argv=None) -> int:
         print(f"{name}: onnxruntime fp32 {row['ort_fp32']:.2f} ms, int8 {row['ort_int8']:.2f} ms", flush=True)
 
         t0 = time.perf_counter()
-        art_f = hago.compile(g, "x86_avx2", tune_trials=args.trials, cache_dir=cache, threads=args.threads,
+        art_f = hago.compile(g, spec, tune_trials=args.trials, cache_dir=cache, threads=args.threads,
                              progress=False)
         row["tvm_fp32_compile_s"] = time.perf_counter() - t0
         ref = measure_onnxruntime  # noqa: F841 - keep the harness symmetrical
@@ -95,11 +100,11 @@ def main(argv=None) -> int:
         del art_f
 
         t0 = time.perf_counter()
-        qg = hago.quantize(g, "x86_avx2", calib, method="minmax", progress=False)
+        qg = hago.quantize(g, spec, calib, method="minmax", progress=False)
         row["quantize_s"] = time.perf_counter() - t0
         qdq = qg.to_qdq()
         t0 = time.perf_counter()
-        art_q = hago.compile(qg, "x86_avx2", tune_trials=args.trials, cache_dir=cache, threads=args.threads,
+        art_q = hago.compile(qg, spec, tune_trials=args.trials, cache_dir=cache, threads=args.threads,
                              progress=False)
         row["hago_int8_compile_s"] = time.perf_counter() - t0
         row["packed_int8_ops"] = art_q.info.get("packed_int8_ops")
@@ -142,7 +147,8 @@ def main(argv=None) -> int:
     print("(ratios are speedups of hago INT8: >1 means hago INT8 is faster)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "threads": args.threads, "trials": args.trials, "rows": results}, f,
+            json.dump({"machine": machine(), "spec": spec.name, "threads": args.threads, "trials": args.trials,
+                       "rows": results}, f,
                       indent=1)
     return 0
 

@@ -6,7 +6,7 @@
 For each model (random-weight versions of the onnx package's light graphs; a
 MobileNetV2-shaped graph from hago.examples.zoo), batch 1, in one run on this machine:
 onnxruntime FP32; onnxruntime INT8 from ``quantize_static`` (QDQ, per-channel);
-hago all-INT8 (x86_avx2 spec); and ``hago.search`` (model-based strategy) with
+hago all-INT8 (``--spec``, default the shipped spec of this CPU); and ``hago.search`` (model-based strategy) with
 latency measured by ``--measure``. Accuracy without labels is top-1 agreement
 with the float model on random inputs, budget ``--max-drop`` points.
 ``--spearman N`` measures N random configurations of each model (twice: the
@@ -38,6 +38,10 @@ from hago.search.latency import OrtLatency  # noqa: E402
 
 
 REAL = ("mnist_cnn", "mnist_mobilenetv2", "mnist_resnet", "ppocr_rec")
+
+
+#: the hardware spec every search and measurement here uses (``--spec``)
+SPEC = "host"
 
 
 def get_model(name):
@@ -126,7 +130,7 @@ def spearman_eval(name, n_cfg, measurer, splits=20, prior=True):
     g = hago.load(get_model(name))
     inp = g.input_names[0]
     shape = [d if isinstance(d, int) else 1 for d in g.inputs[0].shape]
-    ev = Evaluator(g, hago.load_spec("x86_avx2"), image_batches(shape, 2, 1, inp), None)
+    ev = Evaluator(g, hago.load_spec(SPEC), image_batches(shape, 2, 1, inp), None)
     space = build_space(g, ev.spec)
     fm = FeatureMap(g, space)
     t0 = time.perf_counter()
@@ -199,7 +203,7 @@ def kernel_reuse(name, n_cfg):
     from hago.search.space import Config, build_space
 
     g = hago.load(get_model(name))
-    spec = hago.load_spec("x86_avx2")
+    spec = hago.load_spec(SPEC)
     inp = g.input_names[0]
     shape = [d if isinstance(d, int) else 1 for d in g.inputs[0].shape]
     ev = Evaluator(g, spec, image_batches(shape, 2, 1, inp), None)
@@ -208,9 +212,10 @@ def kernel_reuse(name, n_cfg):
 
     def kernels(qg, border):
         mod, _, _ = C.to_irmodule(qg, spec=spec, border_kernels=border)
-        fused, _ = C.lower_and_fuse(mod, tgt, avx2_int8=True)
+        isa = C.int8_isa(tgt)
+        fused, _ = C.lower_and_fuse(mod, tgt, isa=isa)
         fused, _ = C.schedule_border_kernels(fused)
-        fused, _ = x86_int8.schedule_packed_convs(fused)
+        fused, _ = x86_int8.schedule_packed_convs(fused, isa or "avx2")
         return {tvm_ffi.structural_hash(t.mod): t.mod["main"] for t in kernel_tasks(fused)}
 
     ends = [Config.make({}, list(space.nodes), "mse", space), Config()]
@@ -256,14 +261,19 @@ def main():
     ap.add_argument("--progress", action="store_true", help="show the search's progress bar (ETA, best so far)")
     ap.add_argument("--calib", type=int, default=8)
     ap.add_argument("--eval", type=int, default=32)
+    ap.add_argument("--spec", default="host", help="hardware spec (default: the shipped spec of this CPU; the "
+                    "sessions before the ninth used x86_avx2 on an AVX2-only machine)")
     a = ap.parse_args()
-    print(f"machine: {machine()}; threads {a.threads}; measure {a.measure}; budget {a.budget} measured trials\n")
+    global SPEC
+    SPEC = hago.load_spec(a.spec).name
+    print(f"machine: {machine()}; spec {SPEC}; threads {a.threads}; measure {a.measure}; budget {a.budget} measured "
+          "trials\n")
     ortl = OrtLatency(threads=a.threads, repeat=30, warmup=5)
     tvml = None
     if a.measure == "tvm":  # the TVM-compiled code on this CPU, same tuning budget and database for every config
         from hago.search.latency import TvmLatency
 
-        tvml = TvmLatency(hago.load_spec("x86_avx2"), tune_trials=a.tune_trials, cache_dir=a.cache_dir,
+        tvml = TvmLatency(hago.load_spec(SPEC), tune_trials=a.tune_trials, cache_dir=a.cache_dir,
                           threads=a.threads, repeat=30)
     rows = []
     # --budget 0 or --skip-table: only --spearman / --compare-strategies
@@ -273,7 +283,7 @@ def main():
             m_ort8 = ort_int8(g.to_onnx(), calib, d)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as cache:
-            res = hago.search(g, "x86_avx2", calib, ev, metric, max_drop=a.max_drop, strategy="model",
+            res = hago.search(g, SPEC, calib, ev, metric, max_drop=a.max_drop, strategy="model",
                               budget=a.budget, measure=tvml or (a.measure if a.measure != "onnxruntime" else ortl),
                               threads=a.threads, progress=a.progress, cache_dir=a.latency_cache or cache,
                               log=a.log.replace("MODEL", name) if a.log else None)
@@ -283,7 +293,7 @@ def main():
         from hago.search.evaluate import Evaluator
 
         # hago all-INT8 (every integer edge at the spec's bits, MSE thresholds: the search's starting point)
-        E = Evaluator(g, hago.load_spec("x86_avx2"), calib, ev, metric)
+        E = Evaluator(g, hago.load_spec(SPEC), calib, ev, metric)
         qg8 = E.build(Config())
         a8_acc = E.accuracy(qg8)
         a8_ok = a8_acc >= res.fp32_accuracy - a.max_drop / 100
@@ -305,7 +315,7 @@ def main():
         elif tvml is not None:
             # TVM latency: FP32 (the float graph through the same compile and budget), all-INT8 and the searched
             # model re-timed side by side, interleaved over 3 rounds
-            spec = hago.load_spec("x86_avx2")
+            spec = hago.load_spec(SPEC)
             art_f = hago.compile(g, spec, tune_trials=a.tune_trials, cache_dir=a.cache_dir, threads=a.threads,
                                  progress=False)
             tv = {"fp32": [], "a8": [], "best": []}
@@ -364,7 +374,7 @@ def main():
             for seed in range(a.first_seed, a.first_seed + a.seeds):
                 t0 = time.perf_counter()
                 with tempfile.TemporaryDirectory() as cache:  # no latency cache shared between runs
-                    r = hago.search(g, "x86_avx2", calib, ev, max_drop=a.max_drop, strategy=strat, budget=a.budget,
+                    r = hago.search(g, SPEC, calib, ev, max_drop=a.max_drop, strategy=strat, budget=a.budget,
                                     measure=tvml or (ortl if a.measure == "onnxruntime" else a.measure), threads=a.threads,
                                     progress=False, seed=seed, cache_dir=cache)
                 front = ", ".join(f"({t.accuracy * 100:.1f}, {t.latency_ms:.2f})" for t in r.pareto)

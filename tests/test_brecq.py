@@ -457,8 +457,8 @@ def test_incremental_block_data_matches_full_recomputation():
         got = fr.get(b.inputs)
         with torch.no_grad():
             ref = mod.run({"x": x}, b.inputs)
-        for k in b.inputs:
-            assert torch.equal(got[k], ref[k]), (b.name, k)
+        for k in b.inputs:  # chunked and whole-batch kernels may differ in the last bit, never more
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7, msg=f"{b.name}: {k}")
         w = b.weights[0]
         mod.set_quantizer(w, lambda t: t.sign() * 0.1)  # a changed weight: what follows must be recomputed
         fr.invalidate(mod._consumers[w])

@@ -31,6 +31,17 @@ def _host_has_avx2() -> bool:
 
 
 needs_avx2 = pytest.mark.skipif(not _host_has_avx2(), reason="this CPU has no AVX2")
+VNNI = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake",
+        "mattr": ["+avx512f", "+avx512bw", "+avx512vnni"]}
+
+
+def _host_has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            txt = f.read()
+        return " avx512_vnni" in txt and " avx512bw" in txt
+    except OSError:
+        return False
 
 
 def _float_model():
@@ -264,7 +275,7 @@ def test_vpmaddubsw_reference_saturates():
         assert x86_int8.dot_avx2_reference(a2, ww)[0, 0] == 4 * 255 * wv
 
 
-def _tensorized_dense(m: int, k: int, n: int, intrin: str, lanes: int):
+def _tensorized_dense(m: int, k: int, n: int, intrin: str, lanes: int, target=X86):
     """A u8 [m, k] x packed s8 [n/lanes, k/4, lanes, 4] -> s32 [m, n] kernel, tensorized with ``intrin``."""
     from tvm import te
     from tvm.s_tir import Schedule
@@ -282,7 +293,60 @@ def _tensorized_dense(m: int, k: int, n: int, intrin: str, lanes: int):
     inner = sch.blockize(ji)
     sch.decompose_reduction(inner, ko)
     sch.tensorize(inner, intrin)
-    return tvm.compile(sch.mod, target=make_target(X86))
+    return tvm.compile(sch.mod, target=make_target(target))
+
+
+def test_vnni_intrinsic_is_one_vpdpbusd_exact_with_8bit_weights():
+    """The VNNI block is a single vpdpbusd (no int16 step) and, where this CPU can run it, exact for every u8 x s8
+    pair, full 8-bit weights included (what the x86_avx512_vnni spec promises)."""
+    m, k, n = 6, 64, 32
+    f = _tensorized_dense(m, k, n, x86_int8.VNNI_DOT_16x4, 16, target=VNNI)
+    asm = f.mod.inspect_source("asm")
+    assert "vpdpbusd" in asm and "vpmaddubsw" not in asm
+    if not _host_has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI: compiled and checked the instructions only")
+    rs = np.random.RandomState(5)
+    a = rs.randint(0, 256, size=(m, k)).astype(np.uint8)
+    a[0, :] = 255
+    w = rs.randint(-128, 128, size=(n, k)).astype(np.int8)
+    w[0, :], w[1, :] = -128, 127  # the pairs that saturate vpmaddubsw
+    dev = tvm.cpu()
+    out = tvm.runtime.empty((m, n), "int32", dev)
+    f(tvm.runtime.tensor(a, dev), tvm.runtime.tensor(x86_int8.pack_dense_weight(np.ascontiguousarray(w.T), 16), dev),
+      out)
+    np.testing.assert_array_equal(out.numpy(), a.astype(np.int64) @ w.astype(np.int64).T)
+
+
+@pytest.mark.parametrize("shape,oc,k,stride,pad", [((1, 32, 14, 14), 32, 3, 1, 1), ((1, 16, 9, 9), 48, 3, 2, 1),
+                                                   ((1, 3, 10, 10), 16, 3, 1, 1), ((1, 64, 7, 7), 16, 1, 1, 0)])
+def test_int8_conv_vnni_kernels_exact(tmp_path, shape, oc, k, stride, pad):
+    """On a VNNI target the packed layouts and the hand-written schedule use vpdpbusd by default; the result is the
+    exact integer conv with 8-bit weights (odd widths: register blocks of 7 or 14 pixels with padded columns; 3
+    input channels: zero-padded to 4)."""
+    rs = np.random.RandomState(6)
+    w = rs.randint(-128, 128, size=(oc, shape[1], k, k)).astype(np.int8)
+    art = compile(_int8_conv_requant_module(w, shape, stride, pad), VNNI, cache_dir=str(tmp_path), progress=False)
+    assert art.info["int8_kernels"] == "vnni" and art.info["packed_int8_ops"] == 1
+    assert art.info["hand_scheduled_convs"] == 1
+    if not _host_has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    x = rs.randint(0, 256, size=shape).astype(np.uint8)
+    ref = np.clip(_conv_ref_general(x, w, stride, pad) >> 8, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(art.run({"x": x})[0], ref)
+
+
+def test_int8_kernels_choice_and_errors(tmp_path):
+    from hago.backend.compile import int8_isa
+
+    assert int8_isa(make_target(VNNI)) == "vnni"
+    assert int8_isa(make_target(X86)) == "avx2"
+    assert int8_isa(make_target(AARCH64)) is None
+    assert int8_isa(make_target(VNNI), avx2_int8=True) == "avx2"  # the older switch keeps its meaning
+    assert int8_isa(make_target(VNNI), int8_kernels="none") is None
+    with pytest.raises(CompileError, match="lacks AVX-512 VNNI"):
+        int8_isa(make_target(X86), int8_kernels="vnni")
+    with pytest.raises(CompileError, match="int8_kernels must be"):
+        int8_isa(make_target(X86), int8_kernels="amx")
 
 
 @needs_avx2
@@ -545,3 +609,66 @@ def test_open_database_is_reused_until_its_files_change(tmp_path):
     db2 = open_database(d)
     assert db2 is not db1
     assert open_database(d) is db2
+
+
+def _vnni_model_check(model, input_shape, tmp_path, calib_seed=0):
+    """Quantize ``model`` for x86_avx512_vnni, compile (VNNI kernels, NHWC integer regions) and compare with the
+    same QDQ model on onnxruntime: every output within one quantization step of the last requantize, argmax equal."""
+    import hago
+
+    rs = np.random.RandomState(calib_seed)
+    g = hago.load(model)
+    name = g.input_names[0]
+    calib = [{name: rs.rand(*input_shape).astype(np.float32)} for _ in range(2)]
+    qg = hago.quantize(g, "x86_avx512_vnni", calib, method="minmax", progress=False)
+    art = compile(qg, "x86_avx512_vnni", cache_dir=str(tmp_path), progress=False, threads=1)
+    assert art.info["int8_kernels"] == "vnni"
+    if not _host_has_vnni():
+        return art, None
+    for _ in range(2):
+        x = {name: rs.rand(*input_shape).astype(np.float32)}
+        got, ref = art.run(x)[0], qg.run(x)[0]
+        assert np.array_equal(got.argmax(axis=-1), ref.argmax(axis=-1))
+        # the classifier's output is dequantized: one step is its scale
+        step = np.abs(np.diff(np.unique(ref))).min() if np.unique(ref).size > 1 else 1.0
+        assert np.abs(got - ref).max() <= step * 1.01 + 1e-6
+    return art, qg
+
+
+def test_vnni_nhwc_mobilenetv2_matches_onnxruntime(tmp_path):
+    """Depthwise and pointwise integer convs, residual adds and the classifier matmul in NHWC with the VNNI
+    kernels agree with onnxruntime running hago's QDQ model; only the input and output cross layouts."""
+    from hago.examples import zoo
+
+    art, _ = _vnni_model_check(zoo.mobilenetv2(input_size=64, width=0.5, num_classes=10, seed=3), (1, 3, 64, 64),
+                               tmp_path)
+    # every pointwise conv, depthwise conv and the matmul took a hand-written schedule
+    assert art.info["hand_scheduled_convs"] >= art.info["packed_int8_ops"] > 10
+
+
+def test_vnni_nhwc_concat_and_maxpool_match_onnxruntime(tmp_path):
+    """SqueezeNet's fire modules (concat of two expand convs) and max pools in NHWC integer regions."""
+    from hago.examples import zoo
+
+    _vnni_model_check(zoo.light_model("squeezenet"), (1, 3, 224, 224), tmp_path)
+
+
+def test_convert_int8_regions_to_nhwc_keeps_float_convs_nchw():
+    """Only integer convs move to NHWC; a float conv keeps NCHW (its kernel stays the float model's), and the
+    integer clip becomes max/min so that no transpose is left between integer ops."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 6, 6), "uint8"))
+    f = relax.Var("f", relax.TensorType((1, 8, 6, 6), "float32"))
+    w8 = np.ones((8, 8, 3, 3), np.int8)
+    with bb.function("main", [x, f]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w8), padding=1, out_dtype="int32"))
+            y = bb.emit(relax.op.astype(relax.op.clip(relax.op.right_shift(y, relax.const(4, "int32")), 0, 255),
+                                        "uint8"))
+            y = bb.emit(relax.op.nn.conv2d(y, relax.const(w8), padding=1, out_dtype="int32"))
+            z = bb.emit(relax.op.nn.conv2d(f, relax.const(np.ones((8, 8, 1, 1), np.float32))))
+            o = bb.emit_output(relax.Tuple([y, z]))
+        bb.emit_func_output(o)
+    text = x86_int8.convert_int8_regions_to_nhwc(bb.get()).script()
+    assert text.count('data_layout="NHWC"') == 2 and text.count('data_layout="NCHW"') == 1
+    assert "R.clip(" not in text and text.count("R.permute_dims(") == 2  # into the region and out of it

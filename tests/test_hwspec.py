@@ -137,3 +137,12 @@ def test_cli_spec_check(tmp_path, capsys):
     assert main(["spec", "check", str(p)]) == 2
     err = capsys.readouterr().err
     assert "missing required field 'ops'" in err and "Traceback" not in err
+
+
+def test_host_spec_name_follows_cpu_flags():
+    from hago.hwspec import host_spec_name
+
+    assert host_spec_name({"avx2", "avx512bw", "avx512_vnni"}) == "x86_avx512_vnni"
+    assert host_spec_name({"avx2", "avx512f"}) == "x86_avx2"
+    assert host_spec_name({"fp", "asimd"}) == "arm_cortex_a72"
+    assert hago.load_spec("host").name == host_spec_name()

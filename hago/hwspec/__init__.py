@@ -4,6 +4,7 @@ from .spec import (  # noqa: F401
     OpSpec,
     Signature,
     TensorDesc,
+    host_spec_name,
     list_shipped_specs,
     load_spec,
     parse_spec,

@@ -458,13 +458,16 @@ def parse_spec(raw: Any, file: str | None = None) -> HardwareSpec:
 def load_spec(path_or_dict) -> HardwareSpec:
     """Load and validate a hardware spec from a JSON file (or an already parsed dict).
 
-    A bare name such as ``"x86_avx2"`` loads the spec shipped in ``hwspecs/``.
+    A bare name such as ``"x86_avx2"`` loads the spec shipped in ``hwspecs/``; ``"host"`` the shipped spec that
+    fits this machine's CPU (:func:`host_spec_name`).
     """
     if isinstance(path_or_dict, HardwareSpec):
         return path_or_dict
     if isinstance(path_or_dict, dict):
         return parse_spec(path_or_dict, None)
     path = os.fspath(path_or_dict)
+    if path == "host" and not os.path.exists(path):
+        path = host_spec_name()
     if not os.path.exists(path):
         shipped = shipped_spec_path(path)
         if shipped is None:
@@ -505,3 +508,31 @@ def shipped_spec_path(name: str) -> str | None:
         if os.path.exists(p):
             return p
     return None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def host_spec_name(flags: set[str] | None = None) -> str:
+    """The shipped spec for this machine's CPU: ``x86_avx512_vnni`` with AVX-512 VNNI (and BW), ``x86_avx2`` with
+    AVX2, ``arm_cortex_a72`` on 64-bit ARM. ``flags``: CPU flags as /proc/cpuinfo spells them (default: read)."""
+    import platform
+
+    flags = _cpu_flags() if flags is None else set(flags)
+    arch = platform.machine().lower()
+    if {"avx512_vnni", "avx512bw"} <= flags:
+        return "x86_avx512_vnni"
+    if "avx2" in flags:
+        return "x86_avx2"
+    if arch in ("aarch64", "arm64") or "asimd" in flags:
+        return "arm_cortex_a72"
+    raise SpecError(f"no shipped spec fits this CPU ({arch}, without AVX2 or NEON); pass a spec file",
+                    file="host")
