@@ -139,7 +139,8 @@ def _clock(fn) -> tuple[object, float]:
     return out, time.perf_counter() - t0
 
 
-def run(task_name, task, n_calib, methods, ort_methods, reduce_range=(False, True), repeat=1, seeds=1):
+def run(task_name, task, n_calib, methods, ort_methods, reduce_range=(False, True), repeat=1, seeds=1,
+        spec_name="x86_avx2"):
     """Accuracy of every quantizer, then calibration timing: ``repeat`` rounds, each timing every hago method
     and every onnxruntime configuration once (interleaved, so that both sides see the same machine load);
     the minimum per quantizer is reported. With ``seeds`` > 1, every quantizer is also run on seeds - 1 more
@@ -149,7 +150,8 @@ def run(task_name, task, n_calib, methods, ort_methods, reduce_range=(False, Tru
     calib = calib_fn(n_calib)
     methods = [x for x in methods if x]
     log = lambda msg: print(f"  [{task_name}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    spec = hago.load_spec("x86_avx2")
+    spec = hago.load_spec(spec_name)
+    wbits = max(spec.op("Conv").signatures[0].inputs[1].bits) if spec.op("Conv") else 8
     hago.quantize(g, spec, calib[:1], method="minmax")  # warm-up (imports, onnxruntime start), not timed
     rows = [("fp32", "", acc(path), None, None)]
     times: dict = {}
@@ -158,7 +160,7 @@ def run(task_name, task, n_calib, methods, ort_methods, reduce_range=(False, Tru
             qg, dt = _clock(lambda: hago.quantize(g, spec, calib, method=m))
             times[("hago", m)] = [dt]
             chosen = qg.calibration.get("method", m)
-            rows.append(((f"hago {m}" + (f" ({chosen})" if m == "auto" else "")), "W7A8 per-channel",
+            rows.append(((f"hago {m}" + (f" ({chosen})" if m == "auto" else "")), f"W{wbits}A8 per-channel",
                          acc(qg.to_qdq()), acc_sim(qg), ("hago", m)))
             log(f"hago {m}: {dt:.2f} s")
         for rr in reduce_range:
@@ -260,17 +262,19 @@ def main():
                          "(default 5; 1 for ppocr_rec)")
     ap.add_argument("--seeds", type=int, default=1,
                     help="also run every quantizer on this many disjoint calibration sets and report the mean")
+    ap.add_argument("--spec", default="x86_avx2", help="hago's spec (x86_avx2: 7-bit weights, the figures in "
+                    "docs/BENCHMARKS.md; x86_avx512_vnni: 8-bit weights; host: the spec of this CPU)")
     a = ap.parse_args()
     import platform
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; spec {a.spec}; "
           f"onnxruntime {__import__('onnxruntime').__version__}; hago {hago.__version__}")
     for name in a.models.split(","):
         task = ocr_task(a.ocr_lines) if name == "ppocr_rec" else mnist_task(name)
         rr = {"both": (False, True), "on": (True,), "off": (False,)}[a.reduce_range]
         repeat = a.repeat if a.repeat is not None else (1 if name == "ppocr_rec" else 5)
         run(name, task, a.calib if name != "ppocr_rec" else min(a.calib, 64), a.methods.split(","), a.ort_methods.split(","), rr,
-            repeat=repeat, seeds=a.seeds)
+            repeat=repeat, seeds=a.seeds, spec_name=a.spec)
 
 
 if __name__ == "__main__":

@@ -54,11 +54,17 @@ def collect_stats(graph: Graph, data, names, *, bins: int = 2048, histogram: boo
                          two_pass=two_pass)[0]
 
 
+#: bytes of activations the first pass may keep so that a two-pass calibration (``kl``) does not run the model again
+#: (beyond it the second pass reruns the model: memory stays bounded)
+SECOND_PASS_CACHE_BYTES = 256 << 20
+
+
 def run_observers(graph: Graph, data, names, *, bins: int = 2048, histogram: bool = False, threads=None,
                   progress=None, two_pass: bool = False, keep_outputs: bool | int = False):
     """:func:`collect_stats` that also returns the model outputs (``[[output arrays] per batch]``, from the
     same runs) of every batch (``keep_outputs=True``) or of the first ``keep_outputs`` batches, for a
-    comparison with a quantized model."""
+    comparison with a quantized model. With ``two_pass``, the first pass keeps the observed activations while they
+    fit in :data:`SECOND_PASS_CACHE_BYTES` and the second pass reads them instead of running the model again."""
     names = list(dict.fromkeys(names))
     batches = _materialize(data, graph.input_names)
     model = graph.to_onnx()
@@ -70,12 +76,21 @@ def run_observers(graph: Graph, data, names, *, bins: int = 2048, histogram: boo
     sess = rt.session(model, threads=threads, source=graph.source)
     pos = {n: i for i, n in enumerate(fetch)}
     kept = []
+    cache: list | None = [] if histogram and two_pass else None
+    cached = 0
     for i, feeds in enumerate(batches):
         outs = rt.run(sess, feeds, fetch, i)
         for n in names:
             obs[n].update(outs[pos[n]])
         if outputs and (keep_outputs is True or i < keep_outputs):
             kept.append([outs[pos[n]] for n in outputs])
+        if cache is not None:
+            acts = [outs[pos[n]] for n in names]
+            cached += sum(a.nbytes for a in acts)
+            if cached <= SECOND_PASS_CACHE_BYTES:
+                cache.append(acts)
+            else:
+                cache = None
         del outs
         if progress:
             progress(1)
@@ -83,7 +98,7 @@ def run_observers(graph: Graph, data, names, *, bins: int = 2048, histogram: boo
         for o in obs.values():
             o.start_histogram()
         for i, feeds in enumerate(batches):
-            outs = rt.run(sess, feeds, names, i)
+            outs = cache[i] if cache is not None else rt.run(sess, feeds, names, i)
             for n, a in zip(names, outs):
                 obs[n].update_histogram(a)
             if progress:
