@@ -687,3 +687,32 @@ def test_layout_transpose_schedule_is_a_transpose(shape, axes):
     out = tvm.runtime.empty(tuple(shape[i] for i in axes), "float32", tvm.cpu())
     lib["main"](tvm.runtime.tensor(a), out)
     np.testing.assert_array_equal(out.numpy(), a.transpose(axes))
+
+
+@pytest.mark.parametrize("kind", ["vsparq", "multipoint"])
+def test_vnni_nhwc_seed_representations_match_onnxruntime(tmp_path, kind):
+    """SPARQ-trimmed activations (pairs along the channel axis) and multipoint convs (sums of low-bit convs) through
+    the VNNI kernels and NHWC regions agree with onnxruntime running the same QDQ model."""
+    import hago
+    from builders import conv_bn_net
+
+    rs = np.random.RandomState(11)
+    g = hago.load(conv_bn_net(batch=2))
+    name = g.input_names[0]
+    data = [{name: rs.rand(2, 3, 16, 16).astype(np.float32)} for _ in range(2)]
+    if kind == "multipoint":
+        from hago.passes.multipoint import multipoint_split
+
+        res = multipoint_split(g, data, bits=3, points=2)
+        assert res and all(mp.n == 2 for mp in res.values())
+        qg = hago.quantize(g, "x86_avx512_vnni", data, weight_bits=3, method="minmax")
+    else:
+        qg = hago.quantize(g, "x86_avx512_vnni", data, method="minmax", sparq=kind)
+    art = compile(qg, "x86_avx512_vnni", cache_dir=str(tmp_path), progress=False, threads=1)
+    assert art.info["int8_kernels"] == "vnni" and art.info["packed_int8_ops"] >= 3
+    if not _host_has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    x = {name: rs.rand(2, 3, 16, 16).astype(np.float32)}
+    got, ref = art.run(x)[0], qg.run(x)[0]
+    assert np.array_equal(got.argmax(-1), ref.argmax(-1))
+    np.testing.assert_allclose(got, ref, atol=1e-3 * np.abs(ref).max() + 1e-6)
