@@ -540,10 +540,11 @@ def test_hand_scheduled_depthwise_conv_is_exact(tmp_path, c, hw, stride):
 
 
 @needs_avx2
-def test_separate_border_kernels_reuse_all_float_and_all_int8_kernels():
+@pytest.mark.parametrize("spec_name,isa", [("x86_avx2", "avx2"), ("x86_avx512_vnni", "vnni")])
+def test_separate_border_kernels_reuse_all_float_and_all_int8_kernels(spec_name, isa):
     """With border_kernels="separate", a configuration with a float conv between integer ones brings no unscheduled
     conv or matmul kernel that the all-float and all-integer models do not already have (so the latency-measured
-    search tunes nothing new), and it computes what the fused form computes."""
+    search tunes nothing new), and it computes what the fused form computes. VNNI: with NHWC integer regions too."""
     import tvm_ffi
 
     import hago
@@ -553,7 +554,7 @@ def test_separate_border_kernels_reuse_all_float_and_all_int8_kernels():
     from hago.search.space import Config, build_space
 
     g = hago.load(os.path.join(os.path.dirname(hago.__file__), "examples", "models", "mnist_cnn.onnx"))
-    spec = hago.load_spec("x86_avx2")
+    spec = hago.load_spec(spec_name)
     inp = g.input_names[0]
     rs = np.random.RandomState(0)
     calib = [{inp: rs.rand(4, 1, 28, 28).astype(np.float32)}]
@@ -565,9 +566,9 @@ def test_separate_border_kernels_reuse_all_float_and_all_int8_kernels():
 
     def kernels(qg, border):
         mod, _, _ = C.to_irmodule(qg, spec=spec, border_kernels=border)
-        fused, _ = C.lower_and_fuse(mod, tgt, avx2_int8=True)
+        fused, _ = C.lower_and_fuse(mod, tgt, isa=isa)
         fused, n_border = C.schedule_border_kernels(fused)
-        fused, _ = x86_int8.schedule_packed_convs(fused)
+        fused, _ = x86_int8.schedule_packed_convs(fused, isa)
         return {tvm_ffi.structural_hash(t.mod): t.mod["main"] for t in kernel_tasks(fused)}, n_border
 
     known = {}

@@ -1100,7 +1100,7 @@ def _is_int8_conv(call) -> bool:
 
 
 def clip_to_min_max(mod):
-    """``R.clip(x, lo, hi)`` -> ``R.minimum(R.maximum(x, lo), hi)``: Relax's layout conversion has
+    """``R.clip(x, lo, hi)`` -> ``R.minimum(R.maximum(x, lo), hi)`` on integer tensors: Relax's layout conversion has
     no rule for ``clip`` (it would put a transpose back to NCHW after every requantize), and has one for the binary
     elementwise ops. Same values, and TVM fuses both into the kernel as it fused the clip."""
     import tvm
@@ -1116,10 +1116,10 @@ def clip_to_min_max(mod):
                 return call
             x, lo, hi = call.args
             dtype = str(getattr(x.ty, "dtype", ""))
-            if not dtype.startswith(("int", "uint", "float")):
+            # integer only: a float clip (a float fallback's Relu6) must keep the float model's kernel structure
+            if not dtype.startswith(("int", "uint")):
                 return call
-            conv = float if dtype.startswith("float") else int
-            lo_v, hi_v = (conv(v.value.value) if hasattr(v.value, "value") else conv(v.value) for v in (lo, hi))
+            lo_v, hi_v = (int(v.value.value) if hasattr(v.value, "value") else int(v.value) for v in (lo, hi))
             y = self.builder_.emit(relax.op.maximum(x, relax.const(lo_v, dtype)))
             return relax.op.minimum(y, relax.const(hi_v, dtype))
 
@@ -1139,8 +1139,8 @@ def convert_int8_regions_to_nhwc(mod):
     from tvm import relax
 
     def layout_cb(call):
-        if not _is_int8_conv(call):
-            return {}
+        if not _is_int8_conv(call):  # float convs: NCHW even when their input comes out of an NHWC region
+            return {"relax.nn.conv2d": ["NCHW", "OIHW"]}
         # depthwise: HWIO puts the channels innermost in the weights too (contiguous vectors per kernel tap)
         return {"relax.nn.conv2d": ["NHWC", "OHWI" if int(call.attrs.groups) == 1 else "HWIO"]}
 
