@@ -156,18 +156,23 @@ def test_tvm_search_compiles_each_config_once(setup, tmp_path):
     assert m.compiles <= 1 + len(measured)  # ... without compiling a finalist again
 
 
-def test_kernel_profile_prior_matches_every_conv(setup, tmp_path):
+@pytest.mark.parametrize("spec_name", ["x86_avx2", "x86_avx512_vnni"])
+def test_kernel_profile_prior_matches_every_conv(setup, tmp_path, spec_name):
     """Every Conv of the graph finds its kernel in the real profiles of the all-float artifact (TVM's float conv)
-    and of the all-integer one (hago's packed int8 conv), and the prior of those two configs is their profiled
-    time; a mixed config pays the float kernel of its float convs, the integer kernel of the others, and the
-    border cost per element."""
+    and of the all-integer one (hago's packed int8 conv; NHWC with the VNNI spec), and the prior of those two
+    configs is their profiled time; a mixed config pays the float kernel of its float convs, the integer kernel of
+    the others, and the border cost per element."""
     pytest.importorskip("tvm")
     from hago.search.evaluate import Evaluator
     from hago.search.latency import KernelProfilePrior, Regions, TvmLatency
     from hago.search.space import build_space
 
     g, c, e = setup
-    spec = hago.load_spec("x86_avx2")
+    spec = hago.load_spec(spec_name)
+    if spec_name == "x86_avx512_vnni":
+        with open("/proc/cpuinfo") as f:
+            if " avx512_vnni" not in f.read():
+                pytest.skip("profiling VNNI artifacts needs a CPU with AVX-512 VNNI")
     ev = Evaluator(g, spec, c, e)
     space = build_space(g, spec)
     m = TvmLatency(spec, cache_dir=str(tmp_path / "tune"), threads=1)
@@ -461,3 +466,18 @@ def test_model_search_builds_the_profile_prior(setup, tmp_path):
     m2 = ProfilingLatency()
     r2 = _run(setup, tmp_path / "b", strategy="random", budget=4, measure=m2)
     assert m2.profiled == 0 and "prior" not in r2.latency_model  # only the model-based strategy uses it
+
+
+def test_kernel_profile_conv_key_reads_every_kernel_layout():
+    """The kernel-profile prior finds a conv by (in C, KH, KW, out C, OH, OW) whatever layout its kernel has."""
+    from hago.search.latency import _conv_key
+
+    key = (64, 1, 1, 256, 56, 56)
+    assert _conv_key((1, 64, 56, 56), (256, 64, 1, 1), (1, 256, 56, 56)) == key  # float NCHW
+    assert _conv_key((1, 64, 56, 56), (16, 4, 1, 1, 4, 16, 4), (1, 256, 56, 56)) == key  # NCHW packed int8
+    assert _conv_key((1, 56, 56, 64), (16, 1, 1, 16, 16, 4), (1, 56, 56, 256)) == key  # NHWC packed int8 (VNNI)
+    dw = (144, 3, 3, 144, 28, 28)
+    assert _conv_key((1, 144, 56, 56), (144, 1, 3, 3), (1, 144, 28, 28)) == dw  # float / NCHW depthwise
+    assert _conv_key((1, 58, 58, 144), (3, 3, 1, 144), (1, 28, 28, 144)) == dw  # NHWC depthwise (HWIO)
+    # a classifier conv on 1x1 pixels is not mistaken for an NHWC depthwise one
+    assert _conv_key((1, 512, 1, 1), (1000, 512, 1, 1), (1, 1000, 1, 1)) == (512, 1, 1, 1000, 1, 1)

@@ -414,12 +414,17 @@ class ProfilePrior:
 
 
 def _conv_key(data, weight, out) -> tuple | None:
-    """A conv's identity in a kernel profile: (input channels, kernel H, W, output C, H, W). Float kernels take
-    OIHW weights, hago's packed int8 kernels ``[O/16, I/ib, KH, KW, ...]``: KH, KW sit at positions 2, 3 in both.
-    The input's height and width are left out: TVM may pad the input in a kernel of its own, so a conv kernel can
-    read the padded input."""
+    """A conv's identity in a kernel profile: (input channels, kernel H, W, output C, H, W). The layouts it reads:
+    float NCHW kernels with OIHW weights and hago's NCHW packed int8 kernels ``[O/16, I/ib, KH, KW, ib/4, 16, 4]``
+    (KH, KW at positions 2, 3 in both); on VNNI targets the NHWC int8 kernels, packed ``[O/16, KH, KW, I/4, 16, 4]``
+    or depthwise HWIO ``[KH, KW, 1, C]``, with NHWC data and output. The input's height and width are left out: TVM
+    may pad the input in a kernel of its own, so a conv kernel can read the padded input."""
     if len(data) != 4 or len(weight) < 4 or len(out) != 4:
         return None
+    if len(weight) == 6:  # NHWC packed int8
+        return tuple(int(d) for d in (data[3], weight[1], weight[2], out[3], out[1], out[2]))
+    if len(weight) == 4 and weight[2] == 1 and weight[3] == data[3] == out[3] > 1 and data[1] != weight[0]:
+        return tuple(int(d) for d in (data[3], weight[0], weight[1], out[3], out[1], out[2]))  # NHWC depthwise
     return tuple(int(d) for d in (data[1], weight[2], weight[3], out[1], out[2], out[3]))
 
 
