@@ -126,17 +126,6 @@ def is_cross(target) -> bool:
     return bool(triple) and not _triple_matches_host(triple)
 
 
-def _host_cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def can_run_locally(target) -> tuple[bool, str]:
     """Whether this machine can execute code compiled for ``target``, and why not."""
     import tvm
@@ -154,7 +143,9 @@ def can_run_locally(target) -> tuple[bool, str]:
         return False, f"target kind {target.kind.name} does not run on the host"
     if is_cross(target):
         return False, f"target triple {target.attrs.get('mtriple')} is not this machine ({platform.machine()})"
-    flags = _host_cpu_flags()
+    from ..hwspec.spec import cpu_flags
+
+    flags = cpu_flags()
     need = [str(a)[1:] for a in (target.attrs.get("mattr") or []) if str(a).startswith("+")]
     names = {"avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni"}
     missing = [f for f in need if flags and names.get(f, f).replace(".", "_") not in flags]

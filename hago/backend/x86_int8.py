@@ -451,7 +451,7 @@ def conv2d_nhwc_int8_packed_te(data, kernel, strides, padding, dilation, out_dty
     ``ob`` int32 outputs of one pixel. No packing pass over the activations: a ``data_pad`` block copies them only
     where the conv pads (spatially, to whole register blocks of output columns, or 3 input channels to 4); the
     output's ``ob`` channels are innermost, so the requantize epilogue that follows is a vector loop over them."""
-    from tvm import te, tirx, topi  # noqa: F401
+    from tvm import te, tirx
 
     n, ih, iw, c = (int(v) for v in data.shape)
     ocb, kh_, kw_, icq, ob, _ = (int(v) for v in kernel.shape)
@@ -863,7 +863,7 @@ def schedule_packed_dense(func, isa: str = "avx2"):
     [dense_crop] -> epilogue``, :func:`dense_packed_int8_te`): the output features in blocks of 16 (the
     intrinsic's lanes), rows in register blocks of up to 4, (feature block, row block) tiles in parallel, the
     reduction tensorized, the epilogue right after each tile. A classifier's ``[1, K] x [K, 1000]`` is a
-    latency-bound chain per 16 outputs; MetaSchedule with few trials found schedules ~10x slower. None when the
+    latency-bound chain per 16 outputs, which MetaSchedule with few trials schedules poorly. None when the
     function does not have that form."""
     import tvm
 
@@ -910,7 +910,7 @@ def schedule_channel_concat(func):
     """A concat kernel (one ``T_concat`` block, as TVM legalizes ``concat``) of integer tensors: outer loops fused
     and parallel, the innermost (the channels, in an NHWC integer region) in vectors of 16 (8, 4) lanes. The untuned
     kernel copies one element per iteration behind a branch and MetaSchedule's 16 trials did little better (SqueezeNet's
-    fire-module concats: 0.25 ms per 387 KB). None when the function is not such a kernel."""
+    fire-module concats). None when the function is not such a kernel."""
     import tvm
 
     sch = tvm.s_tir.Schedule(func)
@@ -938,7 +938,7 @@ def schedule_layout_transpose(func):
     axis and the output axis that is the source's innermost are split in blocks of 16 and made the two innermost
     loops (each 16 x 16 tile reads and writes whole cache lines), the outer loops fused and parallel, the innermost
     vectorized. Untiled (the search compiles with ``tune_scope="compute"``, so nothing tunes these), the NHWC ->
-    NCHW transpose of a 56 x 56 x 256 float tensor took 5.6 ms, one cache miss per element. None when the function
+    NCHW transpose of a large float tensor misses the cache on every element. None when the function
     is not such a kernel."""
     import tvm
 
@@ -1152,7 +1152,7 @@ def convert_int8_regions_to_nhwc(mod):
 def fold_constant_transposes(mod):
     """``R.permute_dims`` of a constant (the weights and per-channel parameters that ``ConvertLayout`` moved to
     NHWC) -> the transposed constant, in numpy. Relax's ``FoldConstant`` does the same by building and running a
-    TVM kernel per constant: 22 s for ResNet-50, every compile."""
+    TVM kernel per constant, most of a ResNet-50 compile."""
     import tvm
     from tvm import relax
 

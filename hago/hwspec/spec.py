@@ -510,7 +510,8 @@ def shipped_spec_path(name: str) -> str | None:
     return None
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """This machine's CPU flags as /proc/cpuinfo spells them (x86 ``flags`` or ARM ``Features``; empty if unknown)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -526,7 +527,7 @@ def host_spec_name(flags: set[str] | None = None) -> str:
     AVX2, ``arm_cortex_a72`` on 64-bit ARM. ``flags``: CPU flags as /proc/cpuinfo spells them (default: read)."""
     import platform
 
-    flags = _cpu_flags() if flags is None else set(flags)
+    flags = cpu_flags() if flags is None else set(flags)
     arch = platform.machine().lower()
     if {"avx512_vnni", "avx512bw"} <= flags:
         return "x86_avx512_vnni"
