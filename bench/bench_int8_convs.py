@@ -8,7 +8,8 @@ for ``--spec`` with the conv kernel's own time from the Relax VM profiler (the l
 quantize at the model's border are separate kernels and left out: inside a network they do not exist) and the
 whole artifact. ``--epilogues`` adds, for the same shapes, the conv kernel with three requantize epilogues on a
 bare Relax module (``hago.compile`` with a VNNI target): a plain ``>> 8`` shift, the exact int64 fixed-point
-rule that hago's realize emits, and the fp32 rule (TVM ``round``), to show what the epilogue costs.
+rule (realize's ``fixed_point``) and the fp32 rule (realize's ``float``, which the shipped x86 specs use: times the
+scale, TVM ``round``, max/min bounds), to show what the epilogue costs.
 """
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ def epilogue_module(w: np.ndarray, shape, epi: str):
                 z = relax.op.clip(relax.op.add(t, relax.const(3, "int64")), 0, 255)
             else:
                 t = relax.op.multiply(relax.op.astype(y, "float32"), relax.const(np.full((1, oc, 1, 1), 1e-3, "float32")))
-                z = relax.op.clip(relax.op.add(relax.op.round(t), relax.const(3.0, "float32")), 0.0, 255.0)
+                t = relax.op.add(relax.op.round(t), relax.const(3.0, "float32"))
+                z = relax.op.minimum(relax.op.maximum(t, relax.const(0.0, "float32")), relax.const(255.0, "float32"))
             o = bb.emit_output(bb.emit(relax.op.astype(z, "uint8")))
         bb.emit_func_output(o)
     return bb.get()

@@ -717,3 +717,40 @@ def test_vnni_nhwc_seed_representations_match_onnxruntime(tmp_path, kind):
     got, ref = art.run(x)[0], qg.run(x)[0]
     assert np.array_equal(got.argmax(-1), ref.argmax(-1))
     np.testing.assert_allclose(got, ref, atol=1e-3 * np.abs(ref).max() + 1e-6)
+
+
+def test_float_requantize_epilogue_stays_vectorized_over_channels(tmp_path):
+    """The ``float`` requantize rule (the shipped x86 specs') fused into a VNNI conv: its rounding (Relax ``round``,
+    TIR ``nearbyint``) must stay in the channel vector the schedule made, one ``vrndscaleps`` per 16 outputs. TVM's
+    vectorizer scalarizes calls it does not know as elementwise; LLVM then re-vectorized the loop across pixels
+    with gathers and byte scatters. The max/min bounds keep the epilogue in the NHWC region (a clip put a
+    transpose between the conv and its cast). The result equals the numpy model of the rule."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import hago
+
+    rs = np.random.RandomState(2)
+    c, hw, oc = 32, 28, 64
+    w = (rs.randn(oc, c, 1, 1) * 0.2).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"]), helper.make_node("Relu", ["y"], ["z"]),
+         helper.make_node("MaxPool", ["z"], ["p"], kernel_shape=[1, 1])],
+        "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, None)], initializer=[numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    calib = [{"x": rs.rand(1, c, hw, hw).astype(np.float32)} for _ in range(2)]
+    spec = hago.load_spec("x86_avx512_vnni")
+    assert spec.requantize == "float"
+    qg = hago.quantize(hago.load(m), spec, calib, method="minmax", progress=False)
+    art = compile(qg, spec, cache_dir=str(tmp_path), progress=False, threads=1)
+    asm = art.executable.mod.imports[0].inspect_source("asm")
+    body = asm[asm.index("vpdpbusd"):]
+    body = body[:body.index(".Lfunc_end")]
+    assert "vrndscaleps" in body and "zmm" in body.split("vrndscaleps", 1)[1].split("\n", 1)[0]
+    assert "vpgather" not in body and "vpextrb" not in body
+    if not _host_has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    x = calib[0]
+    got, ref = art.run(x)[0], qg.run(x)[0]
+    step = np.abs(np.diff(np.unique(ref))).min()
+    assert np.abs(got - ref).max() <= step * 1.01

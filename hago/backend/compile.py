@@ -201,6 +201,21 @@ def int8_isa(target, avx2_int8=None, int8_kernels: str | None = None) -> str | N
     return "avx2" if x86_int8.target_has_avx2(target) else None
 
 
+def vectorizable_rounding() -> None:
+    """Let TVM's loop vectorizer keep ``tirx.nearbyint`` (what Relax ``round`` lowers to) in vector form.
+
+    TVM 0.27 marks ``tirx.round``, ``floor``, ``exp`` ... ``TVectorizable`` but not ``nearbyint``, so a vectorized
+    loop holding one (the float requantize epilogue) is scalarized and LLVM re-vectorizes it along another axis
+    with gathers and byte scatters: a 1x1 int8 conv took twice as long with that epilogue as with none. LLVM has
+    ``llvm.nearbyint`` on vectors (``vrndscaleps``), so on LLVM targets it is marked like ``round``. Idempotent.
+    """
+    import tvm
+
+    op = tvm.ir.Op.get("tirx.nearbyint")
+    if not op.get_attr("TVectorizable"):
+        tvm.ir.register_op_attr("tirx.nearbyint", "TVectorizable", True)
+
+
 def lower_and_fuse(mod, target, *, avx2_int8: bool = False, isa: str | None = None, int8_layout: str | None = None):
     """Pre-tuning passes: inference decomposition, integer regions to NHWC (``int8_layout="nhwc"``, the default
     with ``isa="vnni"``), int8 packing (``isa``: ``"avx2"`` or ``"vnni"``; ``avx2_int8=True`` means ``"avx2"``),
@@ -560,6 +575,8 @@ def compile(model, target, *, tune_trials: int = 0, cache_dir: str | None = None
             target = load_spec(target)
     spec = target if hasattr(target, "target") and isinstance(getattr(target, "target"), dict) else None
     tgt = make_target(target, threads=threads)
+    if tgt.kind.name == "llvm":
+        vectorizable_rounding()
     if tune_scope not in ("all", "compute"):
         raise CompileError(f"compile: tune_scope must be 'all' or 'compute', got {tune_scope!r}")
     mod, out_names, qparams = to_irmodule(model, spec=spec, input_shapes=input_shapes, border_kernels=border_kernels)

@@ -476,7 +476,10 @@ class _Lowering:
             y = self.emit(R.round(acc))  # half to even, like onnxruntime
             if zp:
                 y = self.emit(R.add(y, self.const(np.float32(zp), "float32")))
-            y = self.emit(R.clip(y, float(qmin), float(qmax)))
+            # max/min rather than clip: Relax's layout conversion moves binary elementwise ops to NHWC but has no
+            # rule for clip (it would put a transpose between the conv and its cast to the integer type)
+            y = self.emit(R.maximum(y, self.const(np.float32(qmin), "float32")))
+            y = self.emit(R.minimum(y, self.const(np.float32(qmax), "float32")))
             return self.cast(y, dtype)
         # fixed point, int64: x * m0 then a rounding right shift (ties to even, like onnxruntime); m0 has at most
         # 31 bits and fewer for wide terms, so |x * m0| < 2**62
