@@ -522,20 +522,30 @@ def _int8_depthwise_module(c, hw, stride, seed=0):
                                            out_dtype="int32"))
             y = bb.emit(relax.op.add(y, relax.const(bias)))
             y = bb.emit(relax.op.multiply(relax.op.astype(y, "float32"), relax.const(scale)))
-            y = bb.emit(relax.op.clip(relax.op.round(y), 0, 255))
+            y = bb.emit(relax.op.maximum(relax.op.round(y), relax.const(0.0, "float32")))
+            y = bb.emit(relax.op.minimum(y, relax.const(255.0, "float32")))
             o = bb.emit_output(relax.op.astype(y, "uint8"))
         bb.emit_func_output(o)
     return bb.get()
 
 
 @needs_avx2
-@pytest.mark.parametrize("c,hw,stride", [(16, 14, 1), (24, 15, 2), (8, 56, 2), (32, 7, 1)])
-def test_hand_scheduled_depthwise_conv_is_exact(tmp_path, c, hw, stride):
+@pytest.mark.parametrize("c,hw,stride", [(16, 14, 1), (24, 15, 2), (8, 56, 2), (32, 7, 1), (48, 10, 1)])
+@pytest.mark.parametrize("target", ["avx2", "vnni"])
+def test_hand_scheduled_depthwise_conv_is_exact(tmp_path, c, hw, stride, target):
+    """The hand-written depthwise schedules (NCHW with AVX2; NHWC with VNNI: padding read in place, register blocks
+    of 8/7/4/2 pixels, the epilogue per channel vector) compute what TVM's default schedule computes, odd widths,
+    strides and channel counts (48: three vectors of 16) included."""
+    if target == "vnni" and not _host_has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    tgt = X86 if target == "avx2" else VNNI
     mod = _int8_depthwise_module(c, hw, stride)
     x = np.random.RandomState(1).randint(0, 256, size=(1, c, hw, hw)).astype(np.uint8)
-    hand = compile(mod, X86, cache_dir=str(tmp_path), progress=False, int8_schedule="manual")
-    plain = compile(mod, X86, cache_dir=str(tmp_path), progress=False, int8_schedule="tune")
-    assert hand.info["hand_scheduled_convs"] == 1 and plain.info["hand_scheduled_convs"] == 0
+    hand = compile(mod, tgt, cache_dir=str(tmp_path), progress=False, int8_schedule="manual")
+    plain = compile(mod, tgt, cache_dir=str(tmp_path), progress=False, int8_schedule="tune")
+    # (with VNNI the layout transposes at the region's ends are hand-scheduled too)
+    assert hand.info["hand_scheduled_convs"] == (1 if target == "avx2" else 3)
+    assert plain.info["hand_scheduled_convs"] == 0
     np.testing.assert_array_equal(hand.run({"x": x})[0], plain.run({"x": x})[0])
 
 

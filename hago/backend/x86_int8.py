@@ -131,11 +131,15 @@ def _make_intrinsics(lanes: int, c_scope: str = "global", isa: str = "avx2"):
                 T.writes(C[0:16])
                 # the LLVM of TVM 0.27 declares vpdpbusd.512 on (<16 x i32>, <64 x i8>, <64 x i8>) (TVM's own
                 # dot_16x4_vnni passes <16 x i32> operands and fails to build)
-                a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-                a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
+                # one expression, no named temporaries: TVMScript makes a name a "local" buffer, which TVM serves
+                # with a TVMBackendAllocWorkspace call per parallel iteration (only small "global" ones go on the
+                # stack)
                 C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                    C.vload([0], dtype="int32x16"), a_u8x64, B.vload([0, 0], dtype="int8x64"), dtype="int32x16",
+                    C.vload([0], dtype="int32x16"),
+                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
+                                  dtype="uint8x64"),
+                    B.vload([0, 0], dtype="int8x64"), dtype="int32x16",
                 )
 
     elif lanes == 8:
@@ -149,14 +153,14 @@ def _make_intrinsics(lanes: int, c_scope: str = "global", isa: str = "avx2"):
             with T.sblock("root"):
                 T.reads(C[0:8], A[0:4], B[0:8, 0:4])
                 T.writes(C[0:8])
-                a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-                a_u8x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="uint8x32")
-                b_i8x32 = B.vload([0, 0], dtype="int8x32")
-                pairs = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a_u8x32, b_i8x32, dtype="int16x16"
-                )
                 C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8"
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                    T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 8),
+                                      dtype="uint8x32"),
+                        B.vload([0, 0], dtype="int8x32"), dtype="int16x16"),
+                    T.int16x16(1), dtype="int32x8",
                 )
 
     else:
@@ -171,22 +175,16 @@ def _make_intrinsics(lanes: int, c_scope: str = "global", isa: str = "avx2"):
             with T.sblock("root"):
                 T.reads(C[0:16], A[0:4], B[0:16, 0:4])
                 T.writes(C[0:16])
-                a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-                a_u8x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="uint8x32")
-                b_lo = B.vload([0, 0], dtype="int8x32")
-                b_hi = B.vload([8, 0], dtype="int8x32")
-                p_lo = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a_u8x32, b_lo, dtype="int16x16"
-                )
-                p_hi = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a_u8x32, b_hi, dtype="int16x16"
-                )
-                C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), p_lo, T.int16x16(1), dtype="int32x8"
-                )
-                C[T.ramp(T.int32(8), 1, 8)] += T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), p_hi, T.int16x16(1), dtype="int32x8"
-                )
+                for h in T.unroll(2):  # output lanes 0-7, then 8-15 (the broadcast input is the same)
+                    C[T.ramp(h * 8, 1, 8)] += T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                        T.call_llvm_pure_intrin(
+                            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 8),
+                                          dtype="uint8x32"),
+                            B.vload([h * 8, 0], dtype="int8x32"), dtype="int16x16"),
+                        T.int16x16(1), dtype="int32x8",
+                    )
 
     return desc, impl
 
@@ -744,12 +742,13 @@ def schedule_packed_conv(func, isa: str = "avx2"):
             sch.parallel(sch.fuse(*lps[:3]))
     xo, xi = sch.split(x, [None, regn])
     sch.reorder(b, oc, y, xo, ico, kh, kw, icf, xi, oi, ics)
-    row = sch.fuse(b, oc, y)
-    sch.parallel(row)
-    # the epilogue runs right after each (oc block, output row) of the conv, on the 16 x OW accumulator tile
-    # while it is in L1 (run after the whole conv instead, it re-reads the int32 result from memory with a
-    # 64-byte stride per pixel)
-    _epilogue_at(sch, CONV_BLOCK, row)
+    tile = sch.fuse(b, oc, y, xo)
+    sch.parallel(tile)
+    # the epilogue runs right after each (oc block, output row, register block) of the conv, on the 16 x regn
+    # accumulator tile while it is in L1 (run after the whole conv instead, it re-reads the int32 result from memory
+    # with a 64-byte stride per pixel); the intermediate buffer shrinks to that tile, a stack buffer (per row, it
+    # was a heap workspace allocated per row)
+    _epilogue_at(sch, CONV_BLOCK, tile)
     sch.unroll(xi)
     sch.decompose_reduction(conv, ico)
     sch.tensorize(oi, intrin)
@@ -800,7 +799,10 @@ def schedule_packed_conv_nhwc(func, isa: str = "avx2"):
             sch.vectorize(sch.split(lps[-1], [None, lanes])[1])
     xo, xi = sch.split(x, [None, regn])
     sch.reorder(b, y, oc, xo, kh, kw, icq, xi, oi, ics)
-    tile = sch.fuse(b, y, oc)
+    # parallel over (row, oc block, register block); the epilogue right after each register block (regn pixels x
+    # 16 channels), while its int32 accumulators are in L1: the intermediate buffer shrinks to that block, a stack
+    # buffer of at most 16 x 16 x 4 bytes (after a whole row it was a heap workspace per row, 4 KB and more)
+    tile = sch.fuse(b, y, oc, xo)
     sch.parallel(tile)
     _epilogue_at(sch, CONV_NHWC_BLOCK, tile, vectorize=True)
     sch.unroll(xi)
@@ -817,8 +819,8 @@ DW_NHWC_BLOCK = "group_conv2d_nhwc"
 def schedule_depthwise_conv_nhwc(func):
     """Schedule one fused PrimFunc holding an integer NHWC depthwise conv (``pad_temp`` -> ``group_conv2d_nhwc``
     with one input channel per group -> injective epilogue): rows in parallel; per output pixel the channels in
-    vectors of 16 (8, 4) int32 lanes kept in registers across the kernel taps; the epilogue right after each row,
-    vectorized over channels; the padding a parallel pass vectorized over channels. None when the function does
+    vectors of 16 (8, 4) int32 lanes kept in registers across the (unrolled) kernel taps; the epilogue right after
+    each vector, on it; the padding a parallel pass vectorized over channels. None when the function does
     not have that form."""
     import tvm
 
@@ -838,22 +840,31 @@ def schedule_depthwise_conv_nhwc(func):
     lanes = _vector_lanes(ext[3])
     row = sch.fuse(n, y)
     sch.parallel(row)
+    # a register block of xb output pixels per channel vector: each weight vector loaded once per tap for all of
+    # them, and xb independent accumulation chains (one chain per vector was latency-bound)
+    xb = next(b for b in (8, 7, 4, 2, 1) if ext[2] % b == 0)
+    xo, xi = sch.split(x, [None, xb])
     if lanes and lanes < ext[3]:
         fo, fi = sch.split(f, [None, lanes])
-        sch.reorder(x, fo, ry, rx, rc, fi)
+        sch.reorder(xo, fo, ry, rx, rc, xi, fi)
+        anchor = fo
     else:
         fi = f
-        sch.reorder(x, ry, rx, rc, f)
+        sch.reorder(xo, ry, rx, rc, xi, f)
+        anchor = xo
+    sch.unroll(xi)
     if lanes:
         sch.vectorize(fi)
+    for lp in (ry, rx):  # the kernel taps unrolled: the accumulator vector stays in a register across them
+        if int(sch.get(lp).extent) <= 7:
+            sch.unroll(lp)
     if "pad_temp" in names:
-        pad = sch.get_sblock("pad_temp")
-        plps = sch.get_loops(pad)
-        sch.parallel(sch.fuse(*plps[:2]))
-        pl = _vector_lanes(int(sch.get(plps[-1]).extent))
-        if pl:
-            sch.vectorize(sch.split(plps[-1], [None, pl])[1])
-    _epilogue_at(sch, DW_NHWC_BLOCK, row, vectorize=True)
+        # the zero padding read in place (a branch per kernel tap, the same for every lane) instead of a padded
+        # copy of the whole input: that extra pass over memory cost more than the conv's arithmetic
+        sch.compute_inline(sch.get_sblock("pad_temp"))
+    # the epilogue right after each vector of channels (each pixel when they are one vector): the intermediate
+    # int32 buffer shrinks to that vector, a stack slot (after a whole row, it was a heap workspace per row)
+    _epilogue_at(sch, DW_NHWC_BLOCK, anchor, vectorize=True)
     sch.decompose_reduction(conv, ry)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
