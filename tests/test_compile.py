@@ -318,11 +318,12 @@ def test_vnni_intrinsic_is_one_vpdpbusd_exact_with_8bit_weights():
 
 
 @pytest.mark.parametrize("shape,oc,k,stride,pad", [((1, 32, 14, 14), 32, 3, 1, 1), ((1, 16, 9, 9), 48, 3, 2, 1),
-                                                   ((1, 3, 10, 10), 16, 3, 1, 1), ((1, 64, 7, 7), 16, 1, 1, 0)])
+                                                   ((1, 3, 10, 10), 16, 3, 1, 1), ((1, 64, 7, 7), 16, 1, 1, 0),
+                                                   ((1, 32, 7, 7), 64, 3, 1, 1), ((1, 32, 8, 8), 32, 1, 1, 0)])
 def test_int8_conv_vnni_kernels_exact(tmp_path, shape, oc, k, stride, pad):
     """On a VNNI target the packed layouts and the hand-written schedule use vpdpbusd by default; the result is the
     exact integer conv with 8-bit weights (odd widths: register blocks of 7 or 14 pixels with padded columns; 3
-    input channels: zero-padded to 4)."""
+    input channels: zero-padded to 4; rows of 7 or 8 pixels: two oc blocks per register block)."""
     rs = np.random.RandomState(6)
     w = rs.randint(-128, 128, size=(oc, shape[1], k, k)).astype(np.int8)
     art = compile(_int8_conv_requant_module(w, shape, stride, pad), VNNI, cache_dir=str(tmp_path), progress=False)

@@ -128,8 +128,10 @@ def to_irmodule(model, *, spec=None, input_shapes: dict | None = None, border_ke
     if _is_qdq(proto):
         from .realize import realize
 
+        from .simplify import fold_requantize_round_trips
+
         mod = realize(proto, input_shapes=shapes, border_kernels=border_kernels, **_spec_realize_options(spec))
-        return mod, out_names, _quant_params(proto)
+        return fold_requantize_round_trips(mod), out_names, _quant_params(proto)
     from tvm.relax.frontend.onnx import from_onnx
 
     try:

@@ -311,13 +311,9 @@ def space_generator(intrin: str = AVX2_DOT_16x4):
 
 
 def _const_value(expr):
-    import tvm
+    from .simplify import const_value
 
-    if isinstance(expr, tvm.ir.expr.Constant):
-        val = getattr(expr, "value", None)
-        if hasattr(val, "numpy"):
-            return val.numpy()
-    return None
+    return const_value(expr)
 
 
 def _static_shape(expr) -> tuple | None:
@@ -798,7 +794,15 @@ def schedule_packed_conv_nhwc(func, isa: str = "avx2"):
         if lanes:
             sch.vectorize(sch.split(lps[-1], [None, lanes])[1])
     xo, xi = sch.split(x, [None, regn])
-    sch.reorder(b, y, oc, xo, kh, kw, icq, xi, oi, ics)
+    # narrow rows (7, 8... pixels): two oc blocks per register block, so that there are enough independent
+    # accumulators to hide vpdpbusd's latency, and each broadcast input serves both
+    ocb = 2 if regn * 2 <= 24 and ext[3] % 2 == 0 else 1
+    if ocb > 1:
+        oc, oci = sch.split(oc, [None, ocb])
+        sch.reorder(b, y, oc, xo, kh, kw, icq, oci, xi, oi, ics)
+        sch.unroll(oci)
+    else:
+        sch.reorder(b, y, oc, xo, kh, kw, icq, xi, oi, ics)
     # parallel over (row, oc block, register block); the epilogue right after each register block (regn pixels x
     # 16 channels), while its int32 accumulators are in L1: the intermediate buffer shrinks to that block, a stack
     # buffer of at most 16 x 16 x 4 bytes (after a whole row it was a heap workspace per row, 4 KB and more)
