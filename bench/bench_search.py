@@ -151,6 +151,9 @@ def spearman_eval(name, n_cfg, measurer, splits=20, prior=True):
     qgs = [ev.build(c) for c in cfgs]
     passes = [[measurer(q) for q in qgs] for _ in range(2)]
     t_meas = time.perf_counter() - t0
+    if getattr(measurer, "compiles", None) is not None:
+        print(f"  {measurer.compiles} compiles, {measurer.tuned_tasks} kernels tuned on the way"
+              + (f" (first: {', '.join(measurer.tuned_names[:6])})" if measurer.tuned_tasks else ""), flush=True)
     y1, y2 = np.array(passes[0]), np.array(passes[1])
     if os.environ.get("HAGO_BENCH_SAVE"):  # the raw measurements, to re-analyse without re-measuring
         np.savez(os.path.join(os.environ["HAGO_BENCH_SAVE"], f"spearman_{name}.npz"), y1=y1, y2=y2,

@@ -81,6 +81,7 @@ class TuningReport:
     seconds: float = 0.0
     applied: int = 0  # kernels that got a schedule from the database
     errors: list = dataclasses.field(default_factory=list)  # first few build/run errors
+    tuned_names: list = dataclasses.field(default_factory=list)  # the kernels tuned in this call
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,10 +93,23 @@ class _Task:
     mod: object  # normalized IRModule with one PrimFunc "main"
     key: str
     weight: int
+    old_key: str = ""  # the script key ledgers used before (:func:`_script_key`)
 
 
 def _script_key(mod) -> str:
+    """The tuning ledger's key of a task before the tenth session: its printed script, buffer and block names
+    included (still read, so that ledgers written then stay valid)."""
     return hashlib.sha1(mod.script(show_meta=False).encode()).hexdigest()
+
+
+def _structural_key(mod) -> str:
+    """The tuning ledger's key of a task: its structural hash (the one MetaSchedule's database finds workloads by),
+    blind to buffer and block names. A float conv of a mixed configuration is named after other Relax variables
+    than the same conv in the all-float model; keyed by its script it counted as a new kernel and was tuned again
+    for every configuration the search measured."""
+    import tvm_ffi
+
+    return f"s{tvm_ffi.structural_hash(mod):016x}"
 
 
 def kernel_tasks(mod) -> list[_Task]:
@@ -110,11 +124,11 @@ def kernel_tasks(mod) -> list[_Task]:
         if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
             continue
         nmod = _normalize_mod(func)
-        key = _script_key(nmod)
+        key = _structural_key(nmod)
         if key in seen:
             seen[key].weight += 1
         else:
-            seen[key] = _Task(gv.name_hint, nmod, key, 1)
+            seen[key] = _Task(gv.name_hint, nmod, key, 1, _script_key(nmod))
     return list(seen.values())
 
 
@@ -364,7 +378,7 @@ def tune_module(mod, target, *, trials_per_task: int, database_dir: str, progres
     prepare_tensor_intrinsics(target)
     todo = []
     for t in tasks:
-        granted = int(ledger.get(t.key, {}).get("trials", 0))
+        granted = max(int(ledger.get(k, {}).get("trials", 0)) for k in (t.key, t.old_key))
         if granted >= trials_per_task:
             report.cached_tasks += 1
         else:
@@ -452,6 +466,7 @@ def tune_module(mod, target, *, trials_per_task: int, database_dir: str, progres
         entry["name"] = t.name
         ledger[t.key] = entry
     report.tuned_tasks = len(todo)
+    report.tuned_names = [t.name for t in todo]
     _write_ledger(database_dir, ledger)
     _remember_database(database_dir, db)  # its new records are in memory and on disk: no reopening
     report.seconds = time.perf_counter() - t0

@@ -102,6 +102,8 @@ class TvmLatency:
         self.warmup, self.max_seconds, self.keep = warmup, max_seconds, keep
         self._artifacts: dict[str, object] = {}  # QDQ digest -> Artifact, least recently used first
         self.compiles = 0
+        self.tuned_tasks = 0  # kernels tuned while compiling candidates (0 once the ends are tuned: separate borders)
+        self.tuned_names: list = []  # their names, the first few, to see what needed tuning
         tgt = json.dumps(spec.target, sort_keys=True)
         self.target_key = "tvm-" + hashlib.sha1(f"{tgt}|{rpc}|{threads}".encode()).hexdigest()[:12]
 
@@ -115,6 +117,10 @@ class TvmLatency:
             art = hago.compile(qg, self.spec, tune_trials=self.tune_trials, cache_dir=self.cache_dir,
                                threads=self.threads, progress=False, **self.compile_options)
             self.compiles += 1
+            rep = getattr(art, "tuning", None)
+            if rep is not None and rep.tuned_tasks:
+                self.tuned_tasks += rep.tuned_tasks
+                self.tuned_names.extend(rep.tuned_names[:max(0, 16 - len(self.tuned_names))])
         self._artifacts[key] = art
         while len(self._artifacts) > max(self.keep, 1):
             self._artifacts.pop(next(iter(self._artifacts)))
