@@ -4,9 +4,10 @@
 fused kernel), tunes the kernels that have not been tuned enough yet, and returns the MetaSchedule database that
 :func:`apply_database` then applies. The database is a ``JSONDatabase`` in ``cache_dir/<key>/``
 (``database_workload.json``, ``database_tuning_record.json``) where ``<key>`` hashes the target and the design
-space; beside it ``hago_tuned.json`` records, per kernel (sha1 of its TVMScript), how many trials were granted to
-it. A kernel that already got at least ``trials_per_task`` trials is not tuned again, so compiling the same shapes
-twice costs nothing the second time.
+space; beside it ``hago_tuned.json`` records, per kernel (its structural hash: buffer and block names do not count),
+how many trials were granted to it. A kernel that already got at least ``trials_per_task`` trials, or whose workload
+already has that many records in the database, is not tuned again, so compiling the same shapes twice costs nothing
+the second time, nor does a mixed configuration whose float convs the all-float model already has.
 
 Budget: ``trials_per_task`` MetaSchedule trials for each distinct kernel (the global budget is that times the
 number of kernels to tune), cost model xgboost, evolutionary search, gradient task scheduler.
@@ -110,6 +111,17 @@ def _structural_key(mod) -> str:
     import tvm_ffi
 
     return f"s{tvm_ffi.structural_hash(mod):016x}"
+
+
+def _records_in_database(db, mod, k: int) -> int:
+    """How many tuning records (up to ``k``) the database holds for ``mod``'s workload (found by structural hash,
+    names ignored): a kernel tuned under other names before the ledger was keyed structurally is not tuned again."""
+    try:
+        if not db.has_workload(mod):
+            return 0
+        return len(db.get_top_k(db.commit_workload(mod), k))
+    except Exception:  # noqa: BLE001 - a database that cannot answer: fall back to the ledger
+        return 0
 
 
 def kernel_tasks(mod) -> list[_Task]:
@@ -379,6 +391,8 @@ def tune_module(mod, target, *, trials_per_task: int, database_dir: str, progres
     todo = []
     for t in tasks:
         granted = max(int(ledger.get(k, {}).get("trials", 0)) for k in (t.key, t.old_key))
+        if granted < trials_per_task:  # a structurally equal workload may hold the records (ledger of old keys)
+            granted = max(granted, _records_in_database(db, t.mod, trials_per_task))
         if granted >= trials_per_task:
             report.cached_tasks += 1
         else:
