@@ -776,3 +776,52 @@ def test_float_requantize_epilogue_stays_vectorized_over_channels(tmp_path):
     got, ref = art.run(x)[0], qg.run(x)[0]
     step = np.abs(np.diff(np.unique(ref))).min()
     assert np.abs(got - ref).max() <= step * 1.01
+
+
+def _grouped_shuffle_model(seed=0):
+    """conv 3x3 (8 -> 24) -> Relu -> grouped 1x1 conv (groups 4, 24 -> 32) -> Relu -> channel shuffle (reshape,
+    transpose, reshape) -> grouped 1x1 conv (groups 2, 32 -> 16) -> Relu: ShuffleNet's unit in miniature."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rs = np.random.RandomState(seed)
+
+    def w(name, shape):
+        return numpy_helper.from_array((rs.randn(*shape) * np.sqrt(2.0 / np.prod(shape[1:]))).astype(np.float32), name)
+
+    inits = [w("w0", (24, 8, 3, 3)), w("w1", (32, 6, 1, 1)), w("w2", (16, 16, 1, 1)),
+             numpy_helper.from_array(rs.randn(32).astype(np.float32) * 0.1, "b1"),
+             numpy_helper.from_array(np.array([1, 4, 8, 6, 6], np.int64), "s5"),
+             numpy_helper.from_array(np.array([1, 32, 6, 6], np.int64), "s4")]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], group=4), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Reshape", ["r1", "s5"], ["h5"]),
+             helper.make_node("Transpose", ["h5"], ["t5"], perm=[0, 2, 1, 3, 4]),
+             helper.make_node("Reshape", ["t5", "s4"], ["sh"]),
+             helper.make_node("Conv", ["sh", "w2"], ["c2"], group=2), helper.make_node("Relu", ["c2"], ["y"])]
+    g = helper.make_graph(nodes, "gshuffle", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_grouped_int8_convs_split_per_group_match_onnxruntime(tmp_path):
+    """Grouped (not depthwise) integer convs are split into one conv per group (channel slices, int32 outputs
+    concatenated) so each gets the packed NHWC kernel; the model, channel shuffle included, matches its QDQ model in
+    onnxruntime within one step."""
+    from hago.backend import x86_int8
+    from hago.backend.compile import lower_and_fuse
+
+    art, _ = _vnni_model_check(_grouped_shuffle_model(), (1, 8, 6, 6), tmp_path)
+    assert art.info["packed_int8_ops"] == 1 + 4 + 2
+    # the rewrite alone: no grouped integer conv is left
+    import hago
+
+    rs = np.random.RandomState(0)
+    qg = hago.quantize(hago.load(_grouped_shuffle_model()), "x86_avx512_vnni",
+                       [{"x": rs.rand(1, 8, 6, 6).astype(np.float32)}], method="minmax", progress=False)
+    from hago.backend.compile import to_irmodule
+
+    mod, _, _ = to_irmodule(qg, spec=hago.load_spec("x86_avx512_vnni"))
+    text = x86_int8.split_grouped_int8_convs(mod).script()
+    assert "groups=4" in mod.script() and "groups=4" not in text and "groups=2" not in text
+    fused, packed = lower_and_fuse(mod, make_target(VNNI), isa="vnni")
+    assert packed == 7

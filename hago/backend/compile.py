@@ -236,6 +236,8 @@ def lower_and_fuse(mod, target, *, avx2_int8: bool = False, isa: str | None = No
         int8_layout = "nhwc" if isa == "vnni" else "nchw"
     if int8_layout not in ("nchw", "nhwc"):
         raise CompileError(f"compile: int8_layout must be 'nchw' or 'nhwc', got {int8_layout!r}")
+    if isa:
+        mod = x86_int8.split_grouped_int8_convs(mod)
     if isa and int8_layout == "nhwc":
         mod = x86_int8.convert_int8_regions_to_nhwc(mod)
     if isa:

@@ -922,28 +922,68 @@ def schedule_packed_dense(func, isa: str = "avx2"):
 
 
 def schedule_channel_concat(func):
-    """A concat kernel (one ``T_concat`` block, as TVM legalizes ``concat``) of integer tensors: outer loops fused
-    and parallel, the innermost (the channels, in an NHWC integer region) in vectors of 16 (8, 4) lanes. The untuned
+    """A concat kernel (one ``T_concat`` block, as TVM legalizes ``concat``) or a channel slice (``strided_slice``,
+    :func:`split_grouped_int8_convs`) of integer tensors: outer loops fused and parallel, the innermost (the channels,
+    in an NHWC integer region) in vectors of 16 (8, 4) lanes. The untuned
     kernel copies one element per iteration behind a branch and MetaSchedule's 16 trials did little better (SqueezeNet's
     fire-module concats). None when the function is not such a kernel."""
     import tvm
 
     sch = tvm.s_tir.Schedule(func)
     names = _block_names(sch)
-    if names != ["T_concat"]:
+    if len(names) != 1 or names[0] not in ("T_concat", "T_strided_slice_with_axes"):
         return None
-    blk = sch.get_sblock("T_concat")
+    blk = sch.get_sblock(names[0])
     if "int" not in str(sch.get(blk).body.value.ty):
         return None
     loops = sch.get_loops(blk)
-    lanes = _vector_lanes(int(sch.get(loops[-1]).extent))
-    if len(loops) < 2 or not lanes:
+    if len(loops) < 2:
         return None
+    lanes = _vector_lanes(int(sch.get(loops[-1]).extent))
     sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
-    if lanes < int(sch.get(loops[-1]).extent):
+    if not lanes:  # a few channels (a group's slice of 6): rows in parallel, the short copy left to LLVM
+        pass
+    elif lanes < int(sch.get(loops[-1]).extent):
         sch.vectorize(sch.split(loops[-1], [None, lanes])[1])
     else:
         sch.vectorize(loops[-1])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def schedule_int_injective(func):
+    """Any other kernel of injective blocks (no reduction) writing one integer tensor, e.g. a requantize after an
+    integer concat with ShuffleNet's channel shuffle (reshape, transpose, reshape) fused in: every block inlined into
+    the output block, its outer loops fused and parallel, the innermost vectorized where its extent allows. Without
+    it such a kernel keeps TVM's default lowering (one thread, scalar) unless MetaSchedule tunes it, which the
+    search's ``tune_scope="compute"`` does not. None when the function is not such a kernel."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(func)
+    names = _block_names(sch)
+    if not names:
+        return None
+    for name in names:
+        blk = sch.get(sch.get_sblock(name))
+        if any(int(iv.iter_type) != 0 for iv in blk.iter_vars):  # a reduction (or opaque) block
+            return None
+    outs = [n for n in names if not sch.get_consumers(sch.get_sblock(n))]
+    if len(outs) != 1 or "int" not in str(sch.get(sch.get_sblock(outs[0])).body.value.ty):
+        return None
+    _inline_injective(sch, ())
+    if _block_names(sch) != outs:
+        return None
+    blk = sch.get_sblock(outs[0])
+    loops = sch.get_loops(blk)
+    if len(loops) < 2:
+        return None
+    lanes = _vector_lanes(int(sch.get(loops[-1]).extent))
+    sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+    if lanes:
+        try:
+            inner = sch.split(loops[-1], [None, lanes])[1] if lanes < int(sch.get(loops[-1]).extent) else loops[-1]
+            sch.vectorize(inner)
+        except Exception:  # noqa: BLE001 - not vectorizable as written: the parallel rows are the main gain
+            pass
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
@@ -1000,8 +1040,9 @@ def schedule_packed_convs(mod, isa: str = "avx2"):
     """Apply the hand-written schedules to every PrimFunc of ``mod`` they fit: packed int8 convs
     (:func:`schedule_packed_conv`, NCHW; :func:`schedule_packed_conv_nhwc`), packed int8 matmuls
     (:func:`schedule_packed_dense`), integer depthwise convs (:func:`schedule_depthwise_conv`,
-    :func:`schedule_depthwise_conv_nhwc`), integer concats (:func:`schedule_channel_concat`) and the layout
-    transposes at the borders of NHWC regions (:func:`schedule_layout_transpose`); returns ``(mod, number scheduled)``. A function none fits is left for
+    :func:`schedule_depthwise_conv_nhwc`), integer concats (:func:`schedule_channel_concat`), the layout
+    transposes at the borders of NHWC regions (:func:`schedule_layout_transpose`) and other integer injective kernels
+    (:func:`schedule_int_injective`); returns ``(mod, number scheduled)``. A function none fits is left for
     MetaSchedule."""
     import tvm
 
@@ -1012,7 +1053,7 @@ def schedule_packed_convs(mod, isa: str = "avx2"):
         new = None
         for sched in (lambda f: schedule_packed_conv(f, isa), lambda f: schedule_packed_conv_nhwc(f, isa),
                       lambda f: schedule_packed_dense(f, isa), schedule_depthwise_conv, schedule_depthwise_conv_nhwc,
-                      schedule_channel_concat, schedule_layout_transpose):
+                      schedule_channel_concat, schedule_layout_transpose, schedule_int_injective):
             try:
                 new = sched(func)
             except Exception:  # noqa: BLE001 - an unexpected form: MetaSchedule or the default pipeline takes it
@@ -1112,6 +1153,50 @@ def _is_int8_conv(call) -> bool:
         return groups == 1 or (in_ch is not None and groups == in_ch)
     except (AttributeError, TypeError, ValueError):
         return False
+
+
+def split_grouped_int8_convs(mod):
+    """An integer ``R.nn.conv2d`` with ``1 < groups < channels`` (ShuffleNet's grouped 1x1 convs) -> one conv per group
+    on a channel slice of the input, their int32 outputs concatenated along channels. Each is then an ordinary
+    integer conv (:func:`_is_int8_conv`): NHWC, packed, hand-scheduled, where the grouped conv had no packed kernel
+    and stayed NCHW, with layout transposes around it inside the NHWC region. Same integers."""
+    import tvm
+    from tvm import relax
+
+    conv_op = tvm.ir.Op.get("relax.nn.conv2d")
+
+    @relax.expr_functor.mutator
+    class _Splitter(relax.PyExprMutator):
+        def visit_call_(self, call):  # noqa: N802 - TVM's visitor naming
+            call = self.visit_expr_post_order(call)
+            if call.op != conv_op:
+                return call
+            a = call.attrs
+            data, weight = call.args
+            groups = int(a.groups)
+            shape = _static_shape(data)
+            w = _const_value(weight)
+            if (groups <= 1 or shape is None or w is None or str(a.data_layout) != "NCHW"
+                    or str(a.kernel_layout) != "OIHW" or str(getattr(data.ty, "dtype", "")) != "uint8"
+                    or str(w.dtype) != "int8" or str(a.out_dtype) != "int32" or groups == shape[1]
+                    or shape[1] % groups or w.shape[0] % groups):
+                return call
+            cin, cout = shape[1] // groups, w.shape[0] // groups
+            parts = []
+            for gi in range(groups):
+                xg = self.builder_.emit(relax.op.strided_slice(data, axes=[1], begin=[gi * cin],
+                                                               end=[(gi + 1) * cin]))
+                wg = relax.const(np.ascontiguousarray(w[gi * cout:(gi + 1) * cout]), "int8")
+                parts.append(self.builder_.emit(relax.op.nn.conv2d(
+                    xg, wg, strides=a.strides, padding=a.padding, dilation=a.dilation, groups=1,
+                    data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32")))
+            return relax.op.concat(parts, axis=1)
+
+    sp = _Splitter(mod)
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            sp.builder_.update_func(gv, sp.visit_expr(func))
+    return sp.builder_.get()
 
 
 def clip_to_min_max(mod):
