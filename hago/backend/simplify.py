@@ -18,6 +18,28 @@ from __future__ import annotations
 import numpy as np
 
 
+def rewrite_calls(mod, op_names, rewrite):
+    """Apply ``rewrite(call, mutator)`` to every call of an operator in ``op_names`` (post-order: arguments first)
+    in every Relax function of ``mod``; it returns the replacement expression, or the call itself to keep it.
+    ``mutator.builder_`` emits helper bindings, ``mutator.lookup_binding(var)`` reads a binding. The one mutator
+    loop behind hago's Relax rewrites."""
+    from tvm import relax
+
+    names = {op_names} if isinstance(op_names, str) else set(op_names)
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call):  # noqa: N802 - TVM's visitor naming
+            call = self.visit_expr_post_order(call)
+            return rewrite(call, self) if _call_name(call) in names else call
+
+    rw = _Rewriter(mod)
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(func))
+    return rw.builder_.get()
+
+
 def _call_name(expr) -> str:
     op = getattr(expr, "op", None)
     return getattr(op, "name", "") if op is not None else ""
@@ -94,75 +116,65 @@ def fold_requantize_round_trips(mod):
     (dead bindings removed)."""
     from tvm import relax
 
-    @relax.expr_functor.mutator
-    class _Folder(relax.PyExprMutator):
-        def __init__(self, m, foldable):
-            super().__init__(m)
-            self.foldable = foldable  # names of the quantized vars whose every reader converts them to float
-
-        def _bound(self, expr):
-            if isinstance(expr, relax.Var):
-                b = self.lookup_binding(expr)
-                return b if b is not None else expr
-            return expr
-
-        def _integral(self, expr, depth: int = 0) -> bool:
-            """``expr`` (a float32 relax var) provably holds integers: round(x), or an integral constant added."""
-            e = self._bound(expr)
-            name = _call_name(e)
-            if name == "relax.round":
-                return True
-            if name == "relax.add" and depth < 4:
-                a, b = e.args
-                c = _scalar_const(b)
-                return c is not None and c == np.round(c) and self._integral(a, depth + 1)
-            return False
-
-        def _float_image(self, q):
-            """``y`` when ``q = astype(y, int type)`` with ``y`` integral and clamped inside the type's range."""
-            if not isinstance(q, relax.Var) or q.name not in self.foldable:
-                return None
-            e = self._bound(q)
-            if _call_name(e) != "relax.astype":
-                return None
-            y = e.args[0]
-            dtype = str(e.attrs.dtype)
-            if not dtype.startswith(("int", "uint")) or str(getattr(y.ty, "dtype", "")) != "float32":
-                return None
-            info = np.iinfo(np.dtype(dtype))
-            hi_call = self._bound(y)
-            if _call_name(hi_call) != "relax.minimum":
-                return None
-            lo_call, hi = hi_call.args
-            lo_call = self._bound(lo_call)
-            if _call_name(lo_call) != "relax.maximum":
-                return None
-            inner, lo = lo_call.args
-            lo_v, hi_v = _scalar_const(lo), _scalar_const(hi)
-            if lo_v is None or hi_v is None or lo_v != np.round(lo_v) or hi_v != np.round(hi_v):
-                return None
-            if not (info.min <= lo_v <= hi_v <= info.max) or not self._integral(inner):
-                return None
-            return y
-
-        def visit_call_(self, call):  # noqa: N802 - TVM's visitor naming
-            call = self.visit_expr_post_order(call)
-            if _call_name(call) != "relax.astype" or str(call.attrs.dtype) != "float32":
-                return call
-            src = call.args[0]
-            b = self._bound(src)
-            if _call_name(b) == "relax.astype" and str(b.attrs.dtype) == "int32":
-                src = b.args[0]  # through the int32 widening
-            y = self._float_image(src)
-            return call if y is None else y
-
     foldable = set()
     for _gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             foldable |= _read_only_as_float(func)
-    folder = _Folder(mod, foldable)
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function):
-            folder.builder_.update_func(gv, folder.visit_expr(func))
-    out = folder.builder_.get()
+
+    def bound(m, expr):
+        if isinstance(expr, relax.Var):
+            b = m.lookup_binding(expr)
+            return b if b is not None else expr
+        return expr
+
+    def integral(m, expr, depth: int = 0) -> bool:
+        """``expr`` (a float32 relax var) provably holds integers: round(x), or an integral constant added."""
+        e = bound(m, expr)
+        name = _call_name(e)
+        if name == "relax.round":
+            return True
+        if name == "relax.add" and depth < 4:
+            a, b = e.args
+            c = _scalar_const(b)
+            return c is not None and c == np.round(c) and integral(m, a, depth + 1)
+        return False
+
+    def float_image(m, q):
+        """``y`` when ``q = astype(y, int type)`` with ``y`` integral and clamped inside the type's range."""
+        if not isinstance(q, relax.Var) or q.name not in foldable:
+            return None
+        e = bound(m, q)
+        if _call_name(e) != "relax.astype":
+            return None
+        y = e.args[0]
+        dtype = str(e.attrs.dtype)
+        if not dtype.startswith(("int", "uint")) or str(getattr(y.ty, "dtype", "")) != "float32":
+            return None
+        info = np.iinfo(np.dtype(dtype))
+        hi_call = bound(m, y)
+        if _call_name(hi_call) != "relax.minimum":
+            return None
+        lo_call, hi = hi_call.args
+        lo_call = bound(m, lo_call)
+        if _call_name(lo_call) != "relax.maximum":
+            return None
+        inner, lo = lo_call.args
+        lo_v, hi_v = _scalar_const(lo), _scalar_const(hi)
+        if lo_v is None or hi_v is None or lo_v != np.round(lo_v) or hi_v != np.round(hi_v):
+            return None
+        if not (info.min <= lo_v <= hi_v <= info.max) or not integral(m, inner):
+            return None
+        return y
+
+    def fold(call, m):
+        if str(call.attrs.dtype) != "float32":
+            return call
+        src = call.args[0]
+        b = bound(m, src)
+        if _call_name(b) == "relax.astype" and str(b.attrs.dtype) == "int32":
+            src = b.args[0]  # through the int32 widening
+        y = float_image(m, src)
+        return call if y is None else y
+
+    out = rewrite_calls(mod, "relax.astype", fold)
     return relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(out))

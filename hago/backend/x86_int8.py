@@ -548,34 +548,16 @@ class PackInt8Ops:
         return 0
 
     def __call__(self, mod):
-        import tvm
-        from tvm import relax
+        from .simplify import rewrite_calls
 
-        outer = self
+        def pack(call, m):
+            if call.op.name == "relax.nn.conv2d":
+                new = self._conv(m.builder_, call)
+            else:
+                new = self._matmul(m.builder_, call)
+            return call if new is None else new
 
-        @relax.expr_functor.mutator
-        class _Rewriter(relax.PyExprMutator):
-            def __init__(self, m):
-                super().__init__(m)
-
-            def visit_call_(self, call):  # noqa: N802 - TVM's visitor naming
-                call = self.visit_expr_post_order(call)
-                if not isinstance(call.op, tvm.ir.Op):
-                    return call
-                name = call.op.name
-                if name == "relax.nn.conv2d":
-                    new = outer._conv(self.builder_, call)
-                elif name == "relax.matmul":
-                    new = outer._matmul(self.builder_, call)
-                else:
-                    new = None
-                return call if new is None else new
-
-        rw = _Rewriter(mod)
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                rw.builder_.update_func(gv, rw.visit_expr(func))
-        return rw.builder_.get()
+        return rewrite_calls(mod, ("relax.nn.conv2d", "relax.matmul"), pack)
 
     # -- rewrites ------------------------------------------------------------------------------
 
@@ -1160,74 +1142,53 @@ def split_grouped_int8_convs(mod):
     on a channel slice of the input, their int32 outputs concatenated along channels. Each is then an ordinary
     integer conv (:func:`_is_int8_conv`): NHWC, packed, hand-scheduled, where the grouped conv had no packed kernel
     and stayed NCHW, with layout transposes around it inside the NHWC region. Same integers."""
-    import tvm
     from tvm import relax
 
-    conv_op = tvm.ir.Op.get("relax.nn.conv2d")
+    from .simplify import rewrite_calls
 
-    @relax.expr_functor.mutator
-    class _Splitter(relax.PyExprMutator):
-        def visit_call_(self, call):  # noqa: N802 - TVM's visitor naming
-            call = self.visit_expr_post_order(call)
-            if call.op != conv_op:
-                return call
-            a = call.attrs
-            data, weight = call.args
-            groups = int(a.groups)
-            shape = _static_shape(data)
-            w = _const_value(weight)
-            if (groups <= 1 or shape is None or w is None or str(a.data_layout) != "NCHW"
-                    or str(a.kernel_layout) != "OIHW" or str(getattr(data.ty, "dtype", "")) != "uint8"
-                    or str(w.dtype) != "int8" or str(a.out_dtype) != "int32" or groups == shape[1]
-                    or shape[1] % groups or w.shape[0] % groups):
-                return call
-            cin, cout = shape[1] // groups, w.shape[0] // groups
-            parts = []
-            for gi in range(groups):
-                xg = self.builder_.emit(relax.op.strided_slice(data, axes=[1], begin=[gi * cin],
-                                                               end=[(gi + 1) * cin]))
-                wg = relax.const(np.ascontiguousarray(w[gi * cout:(gi + 1) * cout]), "int8")
-                parts.append(self.builder_.emit(relax.op.nn.conv2d(
-                    xg, wg, strides=a.strides, padding=a.padding, dilation=a.dilation, groups=1,
-                    data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32")))
-            return relax.op.concat(parts, axis=1)
+    def split(call, m):
+        a = call.attrs
+        data, weight = call.args
+        groups = int(a.groups)
+        shape = _static_shape(data)
+        w = _const_value(weight)
+        if (groups <= 1 or shape is None or w is None or str(a.data_layout) != "NCHW"
+                or str(a.kernel_layout) != "OIHW" or str(getattr(data.ty, "dtype", "")) != "uint8"
+                or str(w.dtype) != "int8" or str(a.out_dtype) != "int32" or groups == shape[1]
+                or shape[1] % groups or w.shape[0] % groups):
+            return call
+        cin, cout = shape[1] // groups, w.shape[0] // groups
+        parts = []
+        for gi in range(groups):
+            xg = m.builder_.emit(relax.op.strided_slice(data, axes=[1], begin=[gi * cin], end=[(gi + 1) * cin]))
+            wg = relax.const(np.ascontiguousarray(w[gi * cout:(gi + 1) * cout]), "int8")
+            parts.append(m.builder_.emit(relax.op.nn.conv2d(
+                xg, wg, strides=a.strides, padding=a.padding, dilation=a.dilation, groups=1,
+                data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32")))
+        return relax.op.concat(parts, axis=1)
 
-    sp = _Splitter(mod)
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function):
-            sp.builder_.update_func(gv, sp.visit_expr(func))
-    return sp.builder_.get()
+    return rewrite_calls(mod, "relax.nn.conv2d", split)
 
 
 def clip_to_min_max(mod):
     """``R.clip(x, lo, hi)`` -> ``R.minimum(R.maximum(x, lo), hi)`` on integer tensors: Relax's layout conversion has
     no rule for ``clip`` (it would put a transpose back to NCHW after every requantize), and has one for the binary
     elementwise ops. Same values, and TVM fuses both into the kernel as it fused the clip."""
-    import tvm
     from tvm import relax
 
-    clip = tvm.ir.Op.get("relax.clip")
+    from .simplify import rewrite_calls
 
-    @relax.expr_functor.mutator
-    class _Rewriter(relax.PyExprMutator):
-        def visit_call_(self, call):  # noqa: N802 - TVM's visitor naming
-            call = self.visit_expr_post_order(call)
-            if call.op != clip:
-                return call
-            x, lo, hi = call.args
-            dtype = str(getattr(x.ty, "dtype", ""))
-            # integer only: a float clip (a float fallback's Relu6) must keep the float model's kernel structure
-            if not dtype.startswith(("int", "uint")):
-                return call
-            lo_v, hi_v = (int(v.value.value) if hasattr(v.value, "value") else int(v.value) for v in (lo, hi))
-            y = self.builder_.emit(relax.op.maximum(x, relax.const(lo_v, dtype)))
-            return relax.op.minimum(y, relax.const(hi_v, dtype))
+    def to_min_max(call, m):
+        x, lo, hi = call.args
+        dtype = str(getattr(x.ty, "dtype", ""))
+        # integer only: a float clip (a float fallback's Relu6) must keep the float model's kernel structure
+        if not dtype.startswith(("int", "uint")):
+            return call
+        lo_v, hi_v = (int(v.value.value) if hasattr(v.value, "value") else int(v.value) for v in (lo, hi))
+        y = m.builder_.emit(relax.op.maximum(x, relax.const(lo_v, dtype)))
+        return relax.op.minimum(y, relax.const(hi_v, dtype))
 
-    rw = _Rewriter(mod)
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function):
-            rw.builder_.update_func(gv, rw.visit_expr(func))
-    return rw.builder_.get()
+    return rewrite_calls(mod, "relax.clip", to_min_max)
 
 
 def convert_int8_regions_to_nhwc(mod):
@@ -1253,26 +1214,16 @@ def fold_constant_transposes(mod):
     """``R.permute_dims`` of a constant (the weights and per-channel parameters that ``ConvertLayout`` moved to
     NHWC) -> the transposed constant, in numpy. Relax's ``FoldConstant`` does the same by building and running a
     TVM kernel per constant, most of a ResNet-50 compile."""
-    import tvm
     from tvm import relax
 
-    perm = tvm.ir.Op.get("relax.permute_dims")
+    from .simplify import rewrite_calls
 
-    @relax.expr_functor.mutator
-    class _Folder(relax.PyExprMutator):
-        def visit_call_(self, call):  # noqa: N802 - TVM's visitor naming
-            call = self.visit_expr_post_order(call)
-            if call.op != perm:
-                return call
-            val = _const_value(call.args[0])
-            if val is None:
-                return call
-            axes = call.attrs.axes
-            axes = None if axes is None else [int(a) for a in axes]
-            return relax.const(np.ascontiguousarray(np.transpose(val, axes)), str(val.dtype))
+    def fold(call, _m):
+        val = _const_value(call.args[0])
+        if val is None:
+            return call
+        axes = call.attrs.axes
+        axes = None if axes is None else [int(a) for a in axes]
+        return relax.const(np.ascontiguousarray(np.transpose(val, axes)), str(val.dtype))
 
-    f = _Folder(mod)
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function):
-            f.builder_.update_func(gv, f.visit_expr(func))
-    return f.builder_.get()
+    return rewrite_calls(mod, "relax.permute_dims", fold)
