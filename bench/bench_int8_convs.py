@@ -29,6 +29,7 @@ from common import machine  # noqa: E402
 # (input channels, height = width, output channels, kernel, from)
 SHAPES = [
     (256, 14, 256, 3, "resnet50 3x3"),
+    (512, 7, 512, 3, "resnet50 3x3 at 7x7"),
     (64, 56, 256, 1, "resnet50 1x1 expand"),
     (512, 13, 1000, 1, "squeezenet classifier"),
     (16, 55, 64, 1, "squeezenet fire expand 1x1"),

@@ -127,7 +127,6 @@ def to_irmodule(model, *, spec=None, input_shapes: dict | None = None, border_ke
     shapes = _static_shapes(proto, input_shapes)
     if _is_qdq(proto):
         from .realize import realize
-
         from .simplify import fold_requantize_round_trips
 
         mod = realize(proto, input_shapes=shapes, border_kernels=border_kernels, **_spec_realize_options(spec))

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .simplify import const_value as _const_value
+
 __all__ = [
     "AVX2_DOT_16x4",
     "AVX2_DOT_8x4",
@@ -310,10 +312,6 @@ def space_generator(intrin: str = AVX2_DOT_16x4):
 # Relax rewrite: int8 conv2d / matmul -> packed layouts the intrinsic can read
 
 
-def _const_value(expr):
-    from .simplify import const_value
-
-    return const_value(expr)
 
 
 def _static_shape(expr) -> tuple | None:
@@ -805,9 +803,9 @@ DW_NHWC_BLOCK = "group_conv2d_nhwc"
 def schedule_depthwise_conv_nhwc(func):
     """Schedule one fused PrimFunc holding an integer NHWC depthwise conv (``pad_temp`` -> ``group_conv2d_nhwc``
     with one input channel per group -> injective epilogue): rows in parallel; per output pixel the channels in
-    vectors of 16 (8, 4) int32 lanes kept in registers across the (unrolled) kernel taps; the epilogue right after
-    each vector, on it; the padding a parallel pass vectorized over channels. None when the function does
-    not have that form."""
+    vectors of 16 (8, 4) int32 lanes kept in registers across the (unrolled) kernel taps, for register blocks of up to
+    8 pixels; the zero padding read in place (no padded copy of the input); the epilogue right after each vector, on
+    it. None when the function does not have that form."""
     import tvm
 
     sch = tvm.s_tir.Schedule(func)
@@ -903,41 +901,13 @@ def schedule_packed_dense(func, isa: str = "avx2"):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def schedule_channel_concat(func):
-    """A concat kernel (one ``T_concat`` block, as TVM legalizes ``concat``) or a channel slice (``strided_slice``,
-    :func:`split_grouped_int8_convs`) of integer tensors: outer loops fused and parallel, the innermost (the channels,
-    in an NHWC integer region) in vectors of 16 (8, 4) lanes. The untuned
-    kernel copies one element per iteration behind a branch and MetaSchedule's 16 trials did little better (SqueezeNet's
-    fire-module concats). None when the function is not such a kernel."""
-    import tvm
-
-    sch = tvm.s_tir.Schedule(func)
-    names = _block_names(sch)
-    if len(names) != 1 or names[0] not in ("T_concat", "T_strided_slice_with_axes"):
-        return None
-    blk = sch.get_sblock(names[0])
-    if "int" not in str(sch.get(blk).body.value.ty):
-        return None
-    loops = sch.get_loops(blk)
-    if len(loops) < 2:
-        return None
-    lanes = _vector_lanes(int(sch.get(loops[-1]).extent))
-    sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
-    if not lanes:  # a few channels (a group's slice of 6): rows in parallel, the short copy left to LLVM
-        pass
-    elif lanes < int(sch.get(loops[-1]).extent):
-        sch.vectorize(sch.split(loops[-1], [None, lanes])[1])
-    else:
-        sch.vectorize(loops[-1])
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
-
-
 def schedule_int_injective(func):
-    """Any other kernel of injective blocks (no reduction) writing one integer tensor, e.g. a requantize after an
-    integer concat with ShuffleNet's channel shuffle (reshape, transpose, reshape) fused in: every block inlined into
-    the output block, its outer loops fused and parallel, the innermost vectorized where its extent allows. Without
-    it such a kernel keeps TVM's default lowering (one thread, scalar) unless MetaSchedule tunes it, which the
-    search's ``tune_scope="compute"`` does not. None when the function is not such a kernel."""
+    """A kernel of injective blocks (no reduction) writing one integer tensor: an integer concat (SqueezeNet's fire
+    modules), a channel slice (:func:`split_grouped_int8_convs`), a requantize after a concat with ShuffleNet's
+    channel shuffle fused in. Every block inlined into the output block, its outer loops fused and parallel, the
+    innermost (the channels, in an NHWC integer region) in vectors of 16 (8, 4) lanes where its extent allows.
+    Untuned, such a kernel copies one element per iteration on one thread (TVM's default lowering), and the search's
+    ``tune_scope="compute"`` does not tune it. None when the function is not such a kernel."""
     import tvm
 
     sch = tvm.s_tir.Schedule(func)
@@ -1022,8 +992,8 @@ def schedule_packed_convs(mod, isa: str = "avx2"):
     """Apply the hand-written schedules to every PrimFunc of ``mod`` they fit: packed int8 convs
     (:func:`schedule_packed_conv`, NCHW; :func:`schedule_packed_conv_nhwc`), packed int8 matmuls
     (:func:`schedule_packed_dense`), integer depthwise convs (:func:`schedule_depthwise_conv`,
-    :func:`schedule_depthwise_conv_nhwc`), integer concats (:func:`schedule_channel_concat`), the layout
-    transposes at the borders of NHWC regions (:func:`schedule_layout_transpose`) and other integer injective kernels
+    :func:`schedule_depthwise_conv_nhwc`), the layout transposes at the borders of NHWC regions
+    (:func:`schedule_layout_transpose`) and other integer injective kernels such as concats
     (:func:`schedule_int_injective`); returns ``(mod, number scheduled)``. A function none fits is left for
     MetaSchedule."""
     import tvm
@@ -1035,7 +1005,7 @@ def schedule_packed_convs(mod, isa: str = "avx2"):
         new = None
         for sched in (lambda f: schedule_packed_conv(f, isa), lambda f: schedule_packed_conv_nhwc(f, isa),
                       lambda f: schedule_packed_dense(f, isa), schedule_depthwise_conv, schedule_depthwise_conv_nhwc,
-                      schedule_channel_concat, schedule_layout_transpose, schedule_int_injective):
+                      schedule_layout_transpose, schedule_int_injective):
             try:
                 new = sched(func)
             except Exception:  # noqa: BLE001 - an unexpected form: MetaSchedule or the default pipeline takes it
