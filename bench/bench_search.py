@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hago  # noqa: E402
 from common import image_batches, light, machine  # noqa: E402
-from hago.search.latency import OrtLatency  # noqa: E402
+from hago.search.latency import OrtLatency, latency_inputs  # noqa: E402
 
 
 REAL = ("mnist_cnn", "mnist_mobilenetv2", "mnist_resnet", "ppocr_rec")
@@ -307,9 +307,11 @@ def main():
         finals = {"fp32": g.to_onnx(), "ort8": m_ort8, "best": res.apply(g).to_qdq()}
         finals["a8"] = qg8.to_qdq()
         rounds = {k: [] for k in finals}
+        li = latency_inputs(g, calib[0])  # symbolic input dims (a text line): time a real calibration sample
+        ortm = ortl.with_inputs(li) if li else ortl
         for _ in range(5):
             for k, m in finals.items():
-                rounds[k].append(ortl(_Proto(m)))
+                rounds[k].append(ortm(_Proto(m)))
         med = {k: float(np.median(v)) for k, v in rounds.items()}
         t_fp32, t_ort8 = med["fp32"], med["ort8"]
         if a.measure == "onnxruntime":
@@ -364,12 +366,9 @@ def main():
 
     if a.compare_strategies:
         name = a.models.split(",")[0]
-        g = hago.load(get_model(name))
-        inp = g.input_names[0]
-        shape = [d if isinstance(d, int) else 1 for d in g.inputs[0].shape]
-        calib = image_batches(shape, a.calib, 1, inp)
-        ev = image_batches(shape, a.eval, 2, inp)
-        print(f"\nstrategies on {name}, {a.budget} measured trials each, seeds {a.first_seed}..{a.first_seed + a.seeds - 1} (accuracy = agreement %, "
+        # the real models on their data and metric (labels); the random-weight graphs on random inputs (agreement)
+        g, calib, ev, metric, metric_name = get_task(name, a.calib, a.eval)
+        print(f"\nstrategies on {name}, {a.budget} measured trials each, seeds {a.first_seed}..{a.first_seed + a.seeds - 1} (accuracy = {metric_name} %, "
               f"latency ms; 'vs fp32' = best / the all-float reference, both re-measured side by side in the final "
               f"confirmation rounds, so machine drift between runs cancels):", flush=True)
         summary = {}
@@ -377,7 +376,7 @@ def main():
             for seed in range(a.first_seed, a.first_seed + a.seeds):
                 t0 = time.perf_counter()
                 with tempfile.TemporaryDirectory() as cache:  # no latency cache shared between runs
-                    r = hago.search(g, SPEC, calib, ev, max_drop=a.max_drop, strategy=strat, budget=a.budget,
+                    r = hago.search(g, SPEC, calib, ev, metric, max_drop=a.max_drop, strategy=strat, budget=a.budget,
                                     measure=tvml or (ortl if a.measure == "onnxruntime" else a.measure), threads=a.threads,
                                     progress=False, seed=seed, cache_dir=cache)
                 front = ", ".join(f"({t.accuracy * 100:.1f}, {t.latency_ms:.2f})" for t in r.pareto)

@@ -159,3 +159,72 @@ def test_cli_quantize(tmp_path, capsys):
     rc = main(["quantize", str(mp), "--spec", "x86_avx2", "--calib", str(tmp_path / "nope.npz")])
     assert rc == 2
     assert "nope.npz: no such file" in capsys.readouterr().err
+
+
+def _hardswish_net(seed=0):
+    """Conv -> HardSwish written as x * clip(x + 3, 0, 6) / 6 (PP-OCR's and MobileNetV3's form) -> Conv."""
+    rs = np.random.RandomState(seed)
+    inits = [numpy_helper.from_array((rs.randn(8, 3, 3, 3) * 0.4).astype(np.float32), "w1"),
+             numpy_helper.from_array((rs.randn(4, 8, 1, 1) * 0.4).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(6.0, np.float32), "six")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "three"], ["a"]),
+             helper.make_node("Clip", ["a", "zero", "six"], ["cl"]),
+             helper.make_node("Mul", ["c", "cl"], ["m"]),
+             helper.make_node("Div", ["m", "six"], ["hs"]),
+             helper.make_node("Conv", ["hs", "w2"], ["y"])]
+    g = helper.make_graph(nodes, "hswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_div_by_constant_becomes_mul_by_reciprocal():
+    """Canonicalization turns HardSwish's Div by 6 into a Mul by 1/6, which the spec runs in integer, so the integer
+    region is not cut there; a Div by a computed value or by a constant with a zero stays a Div."""
+    m = _hardswish_net()
+    g = hago.load(m)
+    ops = [n.op_type for n in g.nodes()]
+    assert "Div" not in ops and ops.count("Mul") == 2
+    x = np.random.RandomState(1).randn(1, 3, 8, 8).astype(np.float32) * 3
+    ref = rt.session(m).run(None, {"x": x})[0]
+    np.testing.assert_allclose(rt.session(g.to_onnx()).run(None, {"x": x})[0], ref, rtol=1e-5, atol=1e-6)
+    qg = hago.quantize(g, "x86_avx512_vnni", [{"x": x}], method="minmax")
+    assert all(qg.graph.region(n) == "int" for n in qg.graph.nodes() if n.op_type == "Mul")
+
+    m2 = _hardswish_net()
+    m2.graph.initializer[-1].CopyFrom(numpy_helper.from_array(np.array([6.0, 0.0], np.float32)[1:], "six"))
+    assert "Div" in [n.op_type for n in hago.load(m2).nodes()]  # 0 in the divisor: not rewritten
+    m3 = _hardswish_net()
+    m3.graph.node[4].input[1] = "cl"  # divide by a computed tensor
+    assert "Div" in [n.op_type for n in hago.load(m3).nodes()]
+
+
+def test_clip_from_zero_folds_into_its_input_quantizer(monkeypatch):
+    """The Add feeding clip(., 0, 6) is quantized on [0, min(max, 6)] with zero point 0, so the quantizer computes
+    the Clip exactly and the QDQ export drops it (as it drops a Relu): same outputs as the model that keeps the Clip
+    between the two identical quantizers, and fewer codes wasted on values the Clip removes."""
+    import hago.ir.qdq as qdq
+
+    g = hago.load(_hardswish_net())
+    cal = [{"x": np.random.RandomState(s).randn(1, 3, 8, 8).astype(np.float32) * 3} for s in range(4)]
+    qg = hago.quantize(g, "x86_avx512_vnni", cal, method="minmax")
+    clip = next(n for n in qg.graph.nodes() if n.op_type == "Clip")
+    a = qg.graph.annotation(clip.inputs[0])
+    assert float(a.rmin) == 0.0 and 0.0 < float(a.rmax) <= 6.0 and int(a.zero_point) == 0
+    folded = qg.to_qdq()
+    assert "Clip" not in [n.op_type for n in folded.graph.node]
+    monkeypatch.setattr(qdq, "_rectifier_hi", lambda node, inits: None)
+    kept = qdq.to_qdq(qg.graph)
+    assert "Clip" in [n.op_type for n in kept.graph.node]
+    x = np.random.RandomState(9).randn(1, 3, 8, 8).astype(np.float32) * 4  # beyond the calibration range too
+    for opt in ("basic", True):
+        y_f = rt.session(folded, optimize=opt).run(None, {"x": x})[0]
+        y_k = rt.session(kept, optimize=opt).run(None, {"x": x})[0]
+        np.testing.assert_array_equal(y_f, y_k)
+    monkeypatch.undo()
+    # a range above the Clip's max (set by hand, as LAPQ may): the Clip stays
+    a.set_range(0.0, 9.0)
+    qg.invalidate()
+    assert "Clip" in [n.op_type for n in qg.to_qdq().graph.node]

@@ -481,3 +481,47 @@ def test_kernel_profile_conv_key_reads_every_kernel_layout():
     assert _conv_key((1, 58, 58, 144), (3, 3, 1, 144), (1, 28, 28, 144)) == dw  # NHWC depthwise (HWIO)
     # a classifier conv on 1x1 pixels is not mistaken for an NHWC depthwise one
     assert _conv_key((1, 512, 1, 1), (1000, 512, 1, 1), (1, 1000, 1, 1)) == (512, 1, 1, 1000, 1, 1)
+
+
+def test_symbolic_input_dims_are_timed_on_a_calibration_sample(tmp_path, monkeypatch):
+    """A model whose height and width are symbolic (a text-line recognizer) is timed on one real calibration sample,
+    not with every symbolic dim bound to 1; the caller's measurer is left as it was, and a model whose only symbolic
+    dim is the batch keeps random inputs of its own shapes."""
+    from hago.search.latency import OrtLatency, latency_inputs
+
+    m = conv_bn_net()
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    g = hago.load(m)
+    c = calib([4, 3, 24, 40], n=2)
+    li = latency_inputs(g, c[0])
+    assert list(li) == ["x"] and li["x"].shape == (1, 3, 24, 40)
+    np.testing.assert_array_equal(li["x"][0], c[0]["x"][0])
+    # static shapes, or a symbolic batch dim alone: random inputs of the model's shapes at batch 1, as before
+    assert latency_inputs(hago.load(conv_bn_net(batch=4)), calib([4, 3, 16, 16], n=1)[0]) is None
+    assert latency_inputs(hago.load(conv_bn_net()), calib([4, 3, 16, 16], n=1)[0]) is None
+    # the latency features see the timed size: the first conv's output is 24 x 40 there, not 1 x 1
+    from hago.search.latency import bound_shapes
+
+    shaped = bound_shapes(g, li)
+    conv = next(n for n in shaped.nodes() if n.op_type == "Conv")
+    assert list(conv.outputs[0].shape) == [1, 8, 24, 40]
+    assert not all(isinstance(d, int) for d in next(n for n in g.nodes() if n.op_type == "Conv").outputs[0].shape)
+
+    seen = []
+    real_call = OrtLatency.__call__
+
+    def spy(self, qg):
+        seen.append(None if self.inputs is None else {k: v.shape for k, v in self.inputs.items()})
+        return real_call(self, qg)
+
+    monkeypatch.setattr(OrtLatency, "__call__", spy)
+    mine = OrtLatency(threads=1, repeat=3, warmup=1, min_seconds=0.0)
+    key = mine.target_key
+    r = hago.search(g, "x86_avx2", c, c, measure=mine, budget=2, progress=False, confirm=0,
+                    cache_dir=str(tmp_path / "cache"))
+    assert r.best is not None and seen
+    assert all(s == {"x": (1, 3, 24, 40)} for s in seen)
+    assert mine.inputs is None and mine.target_key == key  # the caller's object is untouched
+    # the latency database of these inputs is not the one of other input shapes
+    assert os.listdir(tmp_path / "cache") and all(d != key for d in os.listdir(tmp_path / "cache"))

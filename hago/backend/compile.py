@@ -133,10 +133,23 @@ def to_irmodule(model, *, spec=None, input_shapes: dict | None = None, border_ke
         return fold_requantize_round_trips(mod), out_names, _quant_params(proto)
     from tvm.relax.frontend.onnx import from_onnx
 
+    import contextlib
+    import io
+
     try:
-        mod = from_onnx(proto, shape_dict=shapes, dtype_dict=_onnx_dtypes(proto), keep_params_in_input=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # the frontend prints the node it failed on, then raises
+            mod = from_onnx(proto, shape_dict=shapes, dtype_dict=_onnx_dtypes(proto), keep_params_in_input=False)
     except Exception as e:  # noqa: BLE001 - the frontend raises anything
-        raise ModelError(f"compile: TVM's ONNX frontend cannot import the model ({proto.graph.name}): {e}") from e
+        # TVM's frontend cannot take a shape computed by a subgraph (Shape -> Gather -> Concat -> Reshape, as in
+        # PP-OCR's recognizer). hago's realize evaluates such subgraphs on the static input shapes and imports the
+        # remaining nodes one by one, the way it lowers the float parts of a quantized model.
+        from .realize import realize
+
+        try:
+            mod = realize(proto, input_shapes=shapes, border_kernels=border_kernels, **_spec_realize_options(spec))
+        except Exception as e2:  # noqa: BLE001
+            raise ModelError(f"compile: TVM's ONNX frontend cannot import the model ({proto.graph.name}): {e}; "
+                             f"nor can hago's realize: {type(e2).__name__}: {e2}") from e
     return mod, out_names, None
 
 

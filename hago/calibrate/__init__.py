@@ -171,28 +171,42 @@ def apply_ranges(graph: Graph, observers: dict, *, method: str | None = None, we
 
 
 def relu_folds(graph: Graph, v, a) -> bool:
-    """Whether the unsigned activation edge ``v`` (annotation ``a``) is read only by a Relu whose output reuses its
-    quantizer (tied), and is not a graph output: quantized on ``[0, max]`` (zero point 0) such an edge gives
-    exactly ``Q(relu(x))``, so the Relu can go (:func:`apply_ranges`, the QDQ export, LAPQ's candidates)."""
+    """Whether the unsigned activation edge ``v`` (annotation ``a``) is read only by a Relu, or a Clip from 0 to a
+    constant (Relu6, HardSwish's ``clip(x + 3, 0, 6)``), whose output reuses its quantizer (tied), and is not a graph
+    output: quantized on ``[0, min(max, hi)]`` (zero point 0) such an edge gives exactly ``Q(clip(x, 0, hi))``, so
+    the Relu / Clip can go (:func:`apply_ranges`, the QDQ export, LAPQ's candidates)."""
+    return rectifier_hi(graph, v, a) is not None
+
+
+def rectifier_hi(graph: Graph, v, a) -> float | None:
+    """The upper bound of the Relu / Clip that :func:`relu_folds` folds into ``v``'s quantizer (inf for a Relu), or
+    None when it does not apply."""
     if a.signed:
-        return False
+        return None
     uses = list(v.uses())
-    if len(uses) != 1 or uses[0].node.op_type != "Relu" or v.is_graph_output():
-        return False
-    out = uses[0].node.outputs[0]
+    if len(uses) != 1 or v.is_graph_output() or uses[0].idx != 0:
+        return None
+    node = uses[0].node
+    bounds = Graph.rectifier_bounds(node)
+    if bounds is None:
+        return None
+    out = node.outputs[0]
     oa = graph.annotation(out) if out is not None else None
-    return oa is not None and oa.tied_to == v.name
+    return bounds[1] if oa is not None and oa.tied_to == v.name else None
 
 
 def _fold_relu_ranges(graph: Graph) -> None:
-    """An activation that :func:`relu_folds` is quantized on the Relu's range ``[0, max]``: its zero point becomes
-    0, so quantization itself clamps the negatives. The result is exactly ``Q(relu(x))``, negative codes are not
+    """An activation that :func:`relu_folds` is quantized on the Relu's range ``[0, max]`` (a Clip's: ``[0,
+    min(max, hi)]``): its zero point becomes 0, so quantization itself clamps the negatives (and saturates at hi). The result is exactly ``Q(relu(x))``, negative codes are not
     wasted, and onnxruntime's QDQ optimizer drops the Relu and the Q/DQ pair around it (what its own quantizer
     produces). Graph outputs and edges read elsewhere are left alone."""
     for v, a in activation_edges(graph):
-        if a.rmin is None or np.ndim(a.rmin) or float(a.rmin) >= 0.0 or not relu_folds(graph, v, a):
+        if a.rmin is None or np.ndim(a.rmin):
             continue
-        a.set_range(0.0, max(float(a.rmax), 0.0))
+        hi = rectifier_hi(graph, v, a)
+        if hi is None or (float(a.rmin) >= 0.0 and float(a.rmax) <= hi):
+            continue
+        a.set_range(0.0, min(max(float(a.rmax), 0.0), hi))
 
 
 def finalize_derived(graph: Graph) -> None:

@@ -7,7 +7,7 @@ the graph). :func:`canonicalize` runs them in order:
 2. :func:`fix_names` so every node and edge has a unique name;
 3. :func:`fold_constants` (Constant/ConstantOfShape nodes, shape-computing
    chains on static shapes, any node whose inputs are all constant);
-4. :func:`simplify_ops` (two-input Sum -> Add) and :func:`fold_batchnorm` into the preceding Conv / Gemm / ConvTranspose;
+4. :func:`simplify_ops` (two-input Sum -> Add, Div by a constant -> Mul by its reciprocal) and :func:`fold_batchnorm` into the preceding Conv / Gemm / ConvTranspose;
 5. :func:`remove_identities` (Identity, inference-mode Dropout);
 6. :func:`infer_shapes`.
 
@@ -299,16 +299,42 @@ def remove_identities(g: Graph) -> Graph:
 
 
 def simplify_ops(g: Graph) -> Graph:
-    """Rewrite ops into their common equivalents: a two-input Sum becomes Add."""
+    """Rewrite ops into their common equivalents: a two-input Sum becomes Add; a float Div by a constant without
+    zeros becomes a Mul by its reciprocal (``x * clip(x + 3, 0, 6) / 6``, the HardSwish of PP-OCR and MobileNetV3,
+    then runs in integer like its Mul instead of breaking the integer region; the result differs from the quotient
+    by at most an ulp or two)."""
     n = 0
-    for node in g.graph:
-        if node.op_type == "Sum" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
+    for node in list(g.graph):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Sum" and len(node.inputs) == 2:
             node.op_type = "Add"
             n += 1
         elif node.op_type == "Sum" and len(node.inputs) == 1:
             node.op_type = "Identity"
+        elif node.op_type == "Div" and len(node.inputs) == 2 and _div_to_mul(g, node):
+            n += 1
     g.history.append(f"simplify_ops: {n}")
     return g
+
+
+def _div_to_mul(g: Graph, node: ir.Node) -> bool:
+    """``Div(x, c)`` -> ``Mul(x, 1 / c)`` for a floating constant ``c`` without zeros (in place)."""
+    c = _const_array(node.inputs[1])
+    if c is None or node.inputs[0] is None or _const_array(node.inputs[0]) is not None:
+        return False
+    if c.dtype.kind != "f" or c.size > 1 << 16 or not np.all(np.isfinite(c)) or np.any(c == 0):
+        return False
+    recip = (np.ones((), c.dtype) / c).astype(c.dtype)
+    name = f"{node.inputs[1].name}__reciprocal"
+    existing = g.graph.initializers.get(name)
+    if existing is None:
+        existing = ir.Value(name=name, shape=ir.Shape(list(recip.shape)), type=ir.TensorType(ir.DataType.from_numpy(recip.dtype)),
+                            const_value=ir.tensor(recip, name=name))
+        g.graph.register_initializer(existing)
+    node.op_type = "Mul"
+    node.replace_input_with(1, existing)
+    return True
 
 
 def canonicalize(g: Graph, opset: int = 21) -> Graph:

@@ -108,6 +108,27 @@ class Graph:
         t = value.const_value
         return None if t is None else t.numpy()
 
+    @staticmethod
+    def rectifier_bounds(node: ir.Node) -> tuple[float, float] | None:
+        """``(0, hi)`` when ``node`` is a Relu (``hi`` infinite) or a Clip with constant min 0 and a constant max
+        ``hi > 0`` (or none): a quantizer with zero point 0 whose range ends at or below ``hi`` computes it exactly,
+        so it can be folded into the quantizer of its input. Else None."""
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Relu" and len(node.inputs) == 1:
+            return 0.0, float("inf")
+        if node.op_type != "Clip" or not node.inputs or len(node.inputs) > 3:
+            return None
+        lo_v = node.inputs[1] if len(node.inputs) > 1 else None
+        hi_v = node.inputs[2] if len(node.inputs) > 2 else None
+        lo = Graph.const(lo_v) if lo_v is not None else None
+        hi = Graph.const(hi_v) if hi_v is not None else None
+        if lo is None or lo.size != 1 or float(lo.reshape(())) != 0.0:
+            return None
+        if hi_v is not None and (hi is None or hi.size != 1 or not float(hi.reshape(())) > 0.0):
+            return None
+        return 0.0, float(hi.reshape(())) if hi is not None else float("inf")
+
     # -- annotations --------------------------------------------------------------
     @staticmethod
     def annotation(value: ir.Value) -> EdgeAnnotation | None:

@@ -31,7 +31,7 @@ from ..ir import Graph, load
 from ..ir.annotation import EdgeAnnotation
 from .evaluate import Evaluator, multipoint_weights, prepare
 from .latency import (FeatureMap, KernelProfilePrior, LatencyDB, LatencyModel, ProfilePrior, SparqLatencyTerm,
-                      make_measurer)
+                      bound_shapes, latency_inputs, make_measurer)
 from .log import TrialLog, read_log
 from .space import Config, build_space
 from .strategies import STRATEGIES
@@ -161,11 +161,13 @@ class Driver:
 
     def __init__(self, graph: Graph, spec, evaluator: Evaluator, measurer, *, budget: int, objective: dict, seed: int,
                  log: TrialLog, previous: list[dict], db: LatencyDB | None, progress: bool, method: str,
-                 min_bits: int, extras: bool = True, prior: bool = True):
+                 min_bits: int, extras: bool = True, prior: bool = True, shaped: Graph | None = None):
+        """``shaped``: ``graph`` with the value shapes of the inputs the measurer times on (:func:`bound_shapes`,
+        for a model with symbolic dims), for the latency features."""
         self.graph, self.spec, self.ev, self.measurer = graph, spec, evaluator, measurer
         self.space = build_space(graph, spec, min_bits=min_bits, per_channel=evaluator.per_channel,
                                  nonnegative=evaluator.nonnegative(), extras=extras)
-        self.features = FeatureMap(graph, self.space)
+        self.features = FeatureMap(shaped if shaped is not None else graph, self.space)
         self.sparq_term = SparqLatencyTerm(graph, self.space, spec, measurer)
         vs = {e: self.space.sparq_axis[e] for e, ch in self.space.sparq_edges.items() if any(c.startswith("vsparq") for c in ch)}
         if self.sparq_term.active and vs:
@@ -435,13 +437,16 @@ def search(graph, spec, calib_data, eval_data=None, metric=None, *, objective: s
     drop = max_drop / 100.0 if not relative else ev.fp32_accuracy * max_drop / 100.0
     obj = {"kind": "accuracy" if objective == "accuracy" else "latency", "max_drop": drop,
            "max_drop_points": max_drop, "relative": relative, "latency_budget_ms": latency_budget_ms, "name": objective}
-    measurer = make_measurer(measure, spec, threads=threads, tune_trials=tune_trials, cache_dir=cache_dir)
+    # a model with symbolic input dims (a text line of any width) is timed on a real calibration sample
+    li = latency_inputs(g, ev.calib[0])
+    measurer = make_measurer(measure, spec, inputs=li, threads=threads, tune_trials=tune_trials, cache_dir=cache_dir)
     header = {"model_hash": model_hash, "spec": spec.name, "spec_hash": spec_hash, "strategy": strategy, "seed": seed,
               "budget": budget, "objective": obj, "measure": getattr(measurer, "name", "custom"), "source": g.source}
     tlog = TrialLog(log_path, header, append=bool(resume))
     db = LatencyDB(cache_dir, getattr(measurer, "target_key", "custom"), model_hash) if not callable(measure) or hasattr(measurer, "target_key") else None
     d = Driver(g, spec, ev, measurer, budget=budget, objective=obj, seed=seed, log=tlog, previous=previous, db=db,
-               progress=progress, method=method, min_bits=min_bits, extras=extras)
+               progress=progress, method=method, min_bits=min_bits, extras=extras,
+               shaped=bound_shapes(g, li) if li else None)
     interrupted = False
     fp32_ms = None
     try:

@@ -19,6 +19,7 @@ the same configuration with plain 8-bit activations, and reports say so.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -47,6 +48,8 @@ class OrtLatency:
         import onnxruntime
 
         self.target_key = f"onnxruntime-{onnxruntime.__version__}-cpu-t{threads}"
+        if inputs:
+            self.target_key += input_key(inputs)
 
     def profile(self, qg, runs: int = 20, min_seconds: float = 1.0) -> list[dict]:
         """Per-node time of ``qg``'s QDQ model from onnxruntime's profiler (same threads and inputs as a
@@ -58,6 +61,13 @@ class OrtLatency:
         one = self(qg)
         runs = int(min(max(runs, np.ceil(min_seconds * 1e3 / max(one, 1e-3))), 200))  # the profiler is slow per run
         return rt.profile_nodes(qg.to_qdq(), self.inputs, threads=self.threads, runs=runs)
+
+    def with_inputs(self, inputs: dict) -> "OrtLatency":
+        """A copy that times on ``inputs`` (its latency database key names their shapes)."""
+        m = copy.copy(self)
+        m.inputs = inputs
+        m.target_key = self.target_key + input_key(inputs)
+        return m
 
     def __call__(self, qg) -> float:
         from ..runtime import ort as rt
@@ -92,11 +102,14 @@ class TvmLatency:
     compile_options = {"border_kernels": "separate", "tune_scope": "compute"}
 
     def __init__(self, spec, *, tune_trials: int = 0, cache_dir: str | None = None, threads: int | None = None,
-                 rpc=None, repeat: int = 20, warmup: int = 3, max_seconds: float = 4.0, keep: int = 8):
+                 rpc=None, repeat: int = 20, warmup: int = 3, max_seconds: float = 4.0, keep: int = 8,
+                 inputs: dict | None = None):
         """``repeat`` timed runs after ``warmup``, but a slow model stops at about ``max_seconds`` of timed runs
         (at least 5): a 500 ms model is not run 20 times per candidate. ``keep``: compiled artifacts kept, keyed
         by the QDQ model they were compiled from, so the search's final side-by-side rounds re-time a finalist
-        without compiling it again."""
+        without compiling it again. ``inputs``: ``{name: array}`` to time on (and to fix symbolic input dims
+        at compile time); random inputs of the model's shapes, symbolic dims 1, when None."""
+        self.inputs = inputs
         self.spec, self.tune_trials, self.cache_dir, self.threads, self.rpc, self.repeat = (
             spec, tune_trials, cache_dir, threads, rpc, repeat)
         self.warmup, self.max_seconds, self.keep = warmup, max_seconds, keep
@@ -106,6 +119,14 @@ class TvmLatency:
         self.tuned_names: list = []  # their names, the first few, to see what needed tuning
         tgt = json.dumps(spec.target, sort_keys=True)
         self.target_key = "tvm-" + hashlib.sha1(f"{tgt}|{rpc}|{threads}".encode()).hexdigest()[:12]
+        if inputs:
+            self.target_key += input_key(inputs)
+
+    def with_inputs(self, inputs: dict) -> "TvmLatency":
+        """A copy that compiles for and times on ``inputs`` (own artifact cache; database key names the shapes)."""
+        return TvmLatency(self.spec, tune_trials=self.tune_trials, cache_dir=self.cache_dir, threads=self.threads,
+                          rpc=self.rpc, repeat=self.repeat, warmup=self.warmup, max_seconds=self.max_seconds,
+                          keep=self.keep, inputs=inputs)
 
     def artifact(self, qg):
         """The compiled artifact of ``qg`` (compiled once per distinct QDQ model among the last ``keep``)."""
@@ -114,8 +135,9 @@ class TvmLatency:
         key = hashlib.sha1(qg.to_qdq().SerializeToString(deterministic=True)).hexdigest()
         art = self._artifacts.pop(key, None)
         if art is None:
+            shapes = {k: list(np.shape(v)) for k, v in self.inputs.items()} if self.inputs else None
             art = hago.compile(qg, self.spec, tune_trials=self.tune_trials, cache_dir=self.cache_dir,
-                               threads=self.threads, progress=False, **self.compile_options)
+                               threads=self.threads, progress=False, input_shapes=shapes, **self.compile_options)
             self.compiles += 1
             rep = getattr(art, "tuning", None)
             if rep is not None and rep.tuned_tasks:
@@ -133,7 +155,7 @@ class TvmLatency:
 
         if self.rpc is not None:
             raise HagoError("kernel_profile: per-kernel profiles are taken locally, not over RPC")
-        return profile(self.artifact(qg), runs=runs, threads=self.threads)
+        return profile(self.artifact(qg), self.inputs, runs=runs, threads=self.threads)
 
     def __call__(self, qg) -> float:
         import hago
@@ -141,23 +163,78 @@ class TvmLatency:
         art = self.artifact(qg)
         repeat = self.repeat
         if self.rpc is None and self.max_seconds:  # size the timed runs by one run's time
-            one = hago.measure(art, None, repeat=1, warmup=max(self.warmup - 1, 0), threads=self.threads).median_ms
+            one = hago.measure(art, self.inputs, repeat=1, warmup=max(self.warmup - 1, 0), threads=self.threads).median_ms
             repeat = int(min(self.repeat, max(5, np.ceil(self.max_seconds * 1e3 / max(one, 1e-3)))))
-        stats = hago.measure(art, None, repeat=repeat, warmup=1, threads=self.threads, rpc=self.rpc)
+        stats = hago.measure(art, self.inputs, repeat=repeat, warmup=1, threads=self.threads, rpc=self.rpc)
         return float(stats.median_ms)
 
 
-def make_measurer(measure, spec, **kw):
-    """'onnxruntime', 'tvm', 'rpc://HOST:PORT:KEY', or any callable(QuantizedGraph) -> ms."""
+def input_key(inputs: dict) -> str:
+    """A short tag of the input shapes a measurer times on (part of its latency database key)."""
+    shapes = "|".join(f"{k}:{'x'.join(str(d) for d in np.shape(v))}" for k, v in sorted(inputs.items()))
+    return "-in" + hashlib.sha1(shapes.encode()).hexdigest()[:8]
+
+
+def latency_inputs(graph, batch: dict) -> dict | None:
+    """The inputs to time a model with symbolic input dims on: the first sample of ``batch`` (a calibration
+    batch), so a model whose width or length is symbolic (a text recognizer) is timed at a real size, not with
+    every symbolic dim bound to 1. ``None`` when no input has a symbolic dim past the batch dim (random inputs of
+    the model's shapes at batch 1 are the same thing)."""
+    ins = {v.name: v for v in graph.inputs}
+    if all(v.shape is not None and all(isinstance(d, int) for d in list(v.shape)[1:]) for v in ins.values()):
+        return None
+    out = {}
+    for name, v in ins.items():
+        if name not in batch:
+            return None
+        a = np.asarray(batch[name])
+        lead = v.shape[0] if v.shape is not None and len(v.shape) else None
+        if a.ndim and not (isinstance(lead, int) and lead == a.shape[0]):
+            a = a[:1]  # one sample (batch 1) where the batch dim is symbolic
+        out[name] = np.ascontiguousarray(a)
+    return out
+
+
+def bound_shapes(graph: Graph, inputs: dict) -> Graph:
+    """A clone of ``graph`` whose value shapes are the ones of one float run on ``inputs`` (onnxruntime): the latency
+    features (MACs, border sizes) of a model with symbolic dims at the size it is timed at. Values the run does not
+    produce keep their shapes."""
+    import onnx_ir as ir
+
+    from ..runtime import ort as rt
+
+    g = graph.clone()
+    vals = {v.name: v for n in g.nodes() for v in n.outputs if v is not None and v.name}
+    names = list(vals)
+    sess = rt.session(rt.with_outputs(g.to_onnx(), names), threads=1, optimize=False, source=g.source)
+    fetch = [o.name for o in sess.get_outputs()]
+    for name, arr in zip(fetch, sess.run(fetch, {k: np.asarray(v) for k, v in inputs.items()})):
+        v = vals.get(name)
+        if v is not None and isinstance(arr, np.ndarray):
+            v.shape = ir.Shape(list(arr.shape))
+    for v in g.inputs:
+        if v.name in inputs:
+            v.shape = ir.Shape(list(np.shape(inputs[v.name])))
+    return g
+
+
+def make_measurer(measure, spec, inputs: dict | None = None, **kw):
+    """'onnxruntime', 'tvm', 'rpc://HOST:PORT:KEY', or any callable(QuantizedGraph) -> ms.
+
+    ``inputs``: what to time on (:func:`latency_inputs`); a given :class:`OrtLatency` / :class:`TvmLatency` without
+    inputs of its own is copied with them (the caller's object is left as it is)."""
     if callable(measure):
+        if inputs and getattr(measure, "inputs", "absent") is None and hasattr(measure, "with_inputs"):
+            return measure.with_inputs(inputs)
         return measure
     if measure in (None, "onnxruntime", "ort"):
-        return OrtLatency(threads=kw.get("threads") or 1)
+        return OrtLatency(threads=kw.get("threads") or 1, inputs=inputs)
     if measure in ("tvm", "local"):
-        return TvmLatency(spec, tune_trials=kw.get("tune_trials", 0), cache_dir=kw.get("cache_dir"), threads=kw.get("threads"))
+        return TvmLatency(spec, tune_trials=kw.get("tune_trials", 0), cache_dir=kw.get("cache_dir"),
+                          threads=kw.get("threads"), inputs=inputs)
     if isinstance(measure, str) and measure.startswith("rpc://"):
         return TvmLatency(spec, tune_trials=kw.get("tune_trials", 0), cache_dir=kw.get("cache_dir"),
-                          threads=kw.get("threads"), rpc=measure[len("rpc://"):])
+                          threads=kw.get("threads"), rpc=measure[len("rpc://"):], inputs=inputs)
     raise HagoError(f"measure={measure!r}: use 'onnxruntime', 'tvm', 'rpc://HOST:PORT:KEY' or a callable")
 
 
