@@ -264,3 +264,27 @@ def test_constant_operand_annotated_as_activation_gets_its_own_range():
     b = numpy_helper.to_array(inits[1])
     assert ann["B"].scale > 0 and float(ann["B"].scale) * 255 >= (b.max() - min(b.min(), 0)) * 0.99
     assert ev.accuracy(qg) > 0.5
+
+
+def test_auto_error_counts_changed_decisions_of_a_distribution_output():
+    """For softmax scores (a distribution over the last axis) auto's error is the fraction of rows whose argmax
+    changed, the squared error only breaking ties; other outputs (logits, embeddings) keep the squared error."""
+    rs = np.random.RandomState(0)
+    logits = rs.randn(4, 40, 30).astype(np.float32) * 3
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    assert auto_mod.is_distribution(p) and not auto_mod.is_distribution(logits)
+    assert not auto_mod.is_distribution(np.abs(logits)) and not auto_mod.is_distribution(p[..., :1])
+    # a: small noise everywhere that flips one decision; b: a larger error that keeps every argmax
+    top = p.argmax(-1)
+    second = np.argsort(p, -1)[..., -2]
+    a = p.copy()
+    a[0, 0, second[0, 0]] = a[0, 0, top[0, 0]] + 1e-3
+    b = p * (1 + 0.05 * rs.rand(*p.shape).astype(np.float32))
+    b[np.arange(4)[:, None], np.arange(40)[None, :], top] *= 1.2  # the winner only grows
+    assert (b.argmax(-1) == top).all() and (a.argmax(-1) != top).sum() == 1
+    sq = lambda o: float(np.mean((p - o) ** 2) / np.var(p))  # noqa: E731
+    assert sq(a) < sq(b)  # the squared error alone prefers a
+    ea, eb = auto_mod.output_error([p], [a]), auto_mod.output_error([p], [b])
+    assert eb < ea and ea == pytest.approx(1 / 160 + auto_mod.TIE_WEIGHT * sq(a), rel=1e-5)
+    assert auto_mod.output_error([logits], [logits + 0.1]) == pytest.approx(0.01 / np.var(logits), rel=1e-4)

@@ -525,3 +525,56 @@ def test_symbolic_input_dims_are_timed_on_a_calibration_sample(tmp_path, monkeyp
     assert mine.inputs is None and mine.target_key == key  # the caller's object is untouched
     # the latency database of these inputs is not the one of other input shapes
     assert os.listdir(tmp_path / "cache") and all(d != key for d in os.listdir(tmp_path / "cache"))
+
+
+
+class _FallbackDriver:
+    """The parts of a search driver that the sensitive-node fallback uses; accuracy 1.0 once the ``need`` most
+    sensitive nodes are float, 0.9 before (the floor is 0.99)."""
+
+    def __init__(self, n_nodes, need, history=()):
+        self.space, self.default_method, self.need = None, "mse", need
+        self.nodes = [f"n{i}" for i in range(n_nodes)]
+        self.history = list(history)
+
+    def accuracy_floor(self):
+        return 0.99
+
+    def remaining(self):
+        return 100
+
+    def trial(self, cfg, tag):
+        from types import SimpleNamespace
+
+        ok = set(self.nodes[:self.need]) <= set(cfg.float_nodes)
+        t = SimpleNamespace(config=cfg, accuracy=1.0 if ok else 0.9, strategy=tag)
+        self.history.append(t)
+        return t
+
+
+@pytest.mark.parametrize("n_nodes,need", [(300, 37), (300, 9), (40, 40), (300, 300)])
+def test_sensitive_fallback_doubles_then_bisects_the_float_count(n_nodes, need):
+    """Where all-INT8 and the seeds (1, 2, 4, 8 most sensitive nodes float) break the budget, the model-based search
+    floats the most sensitive nodes in doubling numbers until the budget holds, then bisects the count to within an
+    eighth: a feasible mixed configuration with few float nodes, in a logarithmic number of evaluations."""
+    from types import SimpleNamespace
+
+    from hago.search.strategies import _sensitive_fallback
+
+    seeds = [SimpleNamespace(config=Config.make({}, [f"n{i}" for i in range(k)], "mse"), accuracy=0.9)
+             for k in (0, 1, 2, 4, 8)]
+    d = _FallbackDriver(n_nodes, need, seeds)
+    _sensitive_fallback(d, d.nodes)
+    fb = d.history[len(seeds):]
+    assert fb and all(t.strategy == "model:fallback" for t in fb)
+    ks = [len(t.config.float_nodes) for t in fb if t.accuracy >= 0.99]
+    assert min(ks) >= need and min(ks) <= need + max(1, need // 8)
+    assert ks[0] == 16 * 2 ** int(np.ceil(np.log2(max(need, 16) / 16))) or ks[0] == n_nodes
+    assert len(fb) <= 2 * int(np.ceil(np.log2(n_nodes))) + 1
+    assert all(t.config.float_nodes == frozenset(d.nodes[:len(t.config.float_nodes)]) for t in fb)
+
+    # a seed with an integer node left that meets the budget: nothing to do
+    met = seeds + [SimpleNamespace(config=Config.make({}, ["n0"], "mse"), accuracy=0.995)]
+    d2 = _FallbackDriver(n_nodes, need, met)
+    _sensitive_fallback(d2, d2.nodes)
+    assert len(d2.history) == len(met)

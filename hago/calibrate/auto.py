@@ -17,7 +17,9 @@ Cost, in runs of the model over the calibration batches:
   are kept). Candidates with identical parameters are scored once.
 
 The error is the mean squared difference of the model outputs, normalized by
-their variance (an inverse SQNR), averaged over the scored batches.
+their variance (an inverse SQNR), averaged over the scored batches; for an output
+that is a probability distribution (softmax scores), the fraction of changed
+argmax decisions, with the squared error only breaking ties (:func:`output_error`).
 """
 from __future__ import annotations
 
@@ -35,13 +37,36 @@ RACE_RATIO = 1.5
 SCORE_SAMPLES = 64
 
 
+#: weight of the squared error beside the decision error of a distribution output (below one changed decision in a
+#: thousand: it only breaks ties)
+TIE_WEIGHT = 1e-3
+
+
+def is_distribution(ref: np.ndarray) -> bool:
+    """Whether ``ref`` (an fp32 output) is a probability distribution over its last axis (softmax scores: a
+    classifier's, or a CTC recognizer's per time step): non-negative, at least two classes, rows summing to 1."""
+    if ref.dtype.kind != "f" or ref.ndim < 2 or ref.shape[-1] < 2 or ref.size == 0:
+        return False
+    if float(ref.min()) < -1e-6:
+        return False
+    return bool(np.all(np.abs(ref.sum(axis=-1, dtype=np.float64) - 1.0) < 1e-3))
+
+
 def output_error(refs: list[np.ndarray], outs: list[np.ndarray]) -> float:
-    """Sum over outputs of ``mean((ref - out)^2) / var(ref)``."""
+    """Sum over outputs of ``mean((ref - out)^2) / var(ref)`` (an inverse SQNR); for an output that is a
+    probability distribution over its last axis, the fraction of rows whose most likely class changed, plus that
+    squared error times :data:`TIE_WEIGHT`. What a user of softmax scores reads is their argmax: on PP-OCRv4 rec the
+    squared error of the probabilities preferred, on two of five calibration sets, a threshold method that read 1.4
+    and 3.9 points fewer characters right than the one with fewer changed decisions."""
     err = 0.0
     for r, o in zip(refs, outs):
         if r.dtype.kind != "f":
             r, o = r.astype(np.float64), o.astype(np.float64)
-        err += float(np.mean((r - o) ** 2) / (np.var(r) + 1e-12))
+        sq = float(np.mean((r - o) ** 2) / (np.var(r) + 1e-12))
+        if is_distribution(r):
+            err += float(np.mean(np.argmax(r, axis=-1) != np.argmax(o, axis=-1))) + TIE_WEIGHT * sq
+        else:
+            err += sq
     return err
 
 

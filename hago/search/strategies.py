@@ -139,6 +139,44 @@ def random_search(d, p_float: float = 0.25, p_extra: float = 0.2):
         d.trial(Config.make(bits, fl, method, space, **_random_extras(space, rs, p_extra)), "random")
 
 
+def _sensitive_fallback(d, order: list, tag: str = "model:fallback") -> None:
+    """Where no configuration tried so far meets the accuracy budget with an integer node left (all-INT8 breaks it,
+    and so do the seeds that float the 1-8 most sensitive nodes), float the most sensitive nodes in doubling numbers
+    until one meets it, then bisect the count down to within an eighth: a mixed configuration that meets the budget
+    with few float nodes, for the evolutionary phase to start from. The threshold method is the one of the most
+    accurate all-integer trial. Configurations below the budget are not timed (no measured trial spent on them)."""
+    nodes, floor = len(order), d.accuracy_floor()
+    if nodes < 2 or any(t.accuracy is not None and t.accuracy >= floor and len(t.config.float_nodes) < nodes
+                        for t in d.history):
+        return
+    whole = [t for t in d.history if t.accuracy is not None and not t.config.float_nodes]
+    method = max(whole, key=lambda t: t.accuracy).config.method if whole else d.default_method
+    tried = sorted(len(t.config.float_nodes) for t in d.history if t.accuracy is not None and t.accuracy < floor
+                   and t.config.float_nodes == frozenset(order[:len(t.config.float_nodes)]))
+    lo = tried[-1] if tried else 0  # the largest count known to break the budget
+    hi = None
+
+    def meets(k: int) -> bool:
+        t = d.trial(Config.make({}, order[:k], method, d.space), tag)
+        return t.accuracy is not None and t.accuracy >= floor
+
+    k = max(2 * lo, 1)
+    while hi is None and d.remaining() > 0:
+        k = min(k, nodes)
+        if meets(k):
+            hi = k
+        elif k >= nodes:
+            return
+        else:
+            lo, k = k, 2 * k
+    while hi is not None and hi - lo > max(1, hi // 8) and d.remaining() > 0:
+        mid = (lo + hi) // 2
+        if meets(mid):
+            hi = mid
+        else:
+            lo = mid
+
+
 def model_based(d, pool: int = 400, explore: float = 0.15):
     """Evolutionary proposals ranked by xgboost latency/accuracy models; measure the best predicted."""
     space, rs = d.space, d.rng
@@ -164,6 +202,7 @@ def model_based(d, pool: int = 400, explore: float = 0.15):
         if d.remaining() <= 0:
             return
         d.trial(cfg, "model:seed")
+    _sensitive_fallback(d, order)
 
     dims = _extra_dimensions(space)
 
