@@ -267,6 +267,8 @@ def main():
                     "search measures every trial itself; pass a directory to start warm from earlier searches)")
     ap.add_argument("--log", help="write each search's trials here (JSON lines; MODEL in the name is replaced)")
     ap.add_argument("--progress", action="store_true", help="show the search's progress bar (ETA, best so far)")
+    ap.add_argument("--method", default="auto", help="the searches' default threshold method (auto: hago.quantize's "
+                    "pick for the all-integer model; sessions before the eleventh searched from mse)")
     ap.add_argument("--calib", type=int, default=8)
     ap.add_argument("--eval", type=int, default=32)
     ap.add_argument("--spec", default="host", help="hardware spec (default: the shipped spec of this CPU; the "
@@ -291,7 +293,7 @@ def main():
             m_ort8 = ort_int8(g.to_onnx(), calib, d)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as cache:
-            res = hago.search(g, SPEC, calib, ev, metric, max_drop=a.max_drop, strategy="model",
+            res = hago.search(g, SPEC, calib, ev, metric, max_drop=a.max_drop, strategy="model", method=a.method,
                               budget=a.budget, measure=tvml or (a.measure if a.measure != "onnxruntime" else ortl),
                               threads=a.threads, progress=a.progress, cache_dir=a.latency_cache or cache,
                               log=a.log.replace("MODEL", name) if a.log else None)
@@ -300,9 +302,9 @@ def main():
 
         from hago.search.evaluate import Evaluator
 
-        # hago all-INT8 (every integer edge at the spec's bits, MSE thresholds: the search's starting point)
+        # hago all-INT8 (every integer edge at the spec's bits, the search's default thresholds: its starting point)
         E = Evaluator(g, hago.load_spec(SPEC), calib, ev, metric)
-        qg8 = E.build(Config())
+        qg8 = E.build(Config.make({}, (), res.history[0].config.method))  # the search's default method
         a8_acc = E.accuracy(qg8)
         ort8_acc = E.accuracy(_Proto(m_ort8))  # onnxruntime's own INT8 model on the same data and metric
         a8_ok = a8_acc >= res.fp32_accuracy - a.max_drop / 100
@@ -385,6 +387,7 @@ def main():
                 t0 = time.perf_counter()
                 with tempfile.TemporaryDirectory() as cache:  # no latency cache shared between runs
                     r = hago.search(g, SPEC, calib, ev, metric, max_drop=a.max_drop, strategy=strat, budget=a.budget,
+                                    method=a.method,
                                     measure=tvml or (ortl if a.measure == "onnxruntime" else a.measure), threads=a.threads,
                                     progress=False, seed=seed, cache_dir=cache)
                 front = ", ".join(f"({t.accuracy * 100:.1f}, {t.latency_ms:.2f})" for t in r.pareto)

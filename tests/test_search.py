@@ -578,3 +578,14 @@ def test_sensitive_fallback_doubles_then_bisects_the_float_count(n_nodes, need):
     d2 = _FallbackDriver(n_nodes, need, met)
     _sensitive_fallback(d2, d2.nodes)
     assert len(d2.history) == len(met)
+
+
+def test_search_starts_from_the_method_quantize_picks(setup, tmp_path):
+    """By default the search's thresholds are the ones ``hago.quantize``'s ``auto`` picks for the all-integer model,
+    so its all-INT8 starting point is the model quantize gives; an explicit method is kept."""
+    g, c, e = setup
+    picked = hago.quantize(g, "x86_avx2", c).calibration["method"]
+    r = _run(setup, tmp_path, strategy="random", budget=2, confirm=0)
+    assert {t.config.method for t in r.history[:1]} == {picked}
+    r2 = _run(setup, tmp_path, strategy="random", budget=2, confirm=0, method="minmax")
+    assert r2.history[0].config.method == "minmax"

@@ -404,16 +404,29 @@ class Driver:
         return self._acc_model.predict(self._X(cfgs))
 
 
+def _auto_method(ev: Evaluator) -> str:
+    """The threshold method ``method="auto"`` calibration picks for the all-integer configuration (the model
+    :func:`hago.quantize` gives by default), among those the search's evaluator knows."""
+    from ..calibrate.auto import calibrate_auto
+
+    qg = ev.build(Config.make({}, (), "mse"))
+    return str(calibrate_auto(qg.graph, ev.calib, threads=ev.threads)["method"])
+
+
 def search(graph, spec, calib_data, eval_data=None, metric=None, *, objective: str = "latency", max_drop: float = 1.0,
            relative: bool = False, latency_budget_ms: float | None = None, strategy: str = "model", budget: int = 32,
            measure="onnxruntime", log: str | None = None, resume: bool | str = False, seed: int = 0,
-           threads: int | None = None, tune_trials: int = 0, cache_dir: str | None = None, method: str = "mse",
+           threads: int | None = None, tune_trials: int = 0, cache_dir: str | None = None, method: str = "auto",
            min_bits: int = 4, progress: bool = True, per_channel: bool = True, extras: bool = True,
            confirm: int = 3) -> SearchResult:
     """Search bits, float fallbacks and thresholds (see the module docstring).
 
     ``extras=False`` limits the space to HAGO's (bits, float fallbacks, one method for all edges): no per-edge
     methods, granularity, signatures, SPARQ or multipoint choices.
+
+    ``method``: the threshold method of every edge that a config does not set otherwise; ``"auto"`` (default)
+    takes the one :func:`hago.quantize`'s default picks for the all-integer model, so the search starts from the model
+    ``hago.quantize`` gives.
 
     ``confirm``: rounds of the final side-by-side re-measurement of the finalists and the all-float reference
     (:meth:`Driver.confirm`; 0 turns it off).
@@ -434,6 +447,8 @@ def search(graph, spec, calib_data, eval_data=None, metric=None, *, objective: s
     model_hash, spec_hash = g.hash(), spec.hash
     previous = read_log(log_path, model_hash, spec_hash) if (resume and log_path) else []
     ev = Evaluator(g, spec, calib_data, eval_data, metric, per_channel=per_channel, threads=threads)
+    if method == "auto":
+        method = _auto_method(ev)
     drop = max_drop / 100.0 if not relative else ev.fp32_accuracy * max_drop / 100.0
     obj = {"kind": "accuracy" if objective == "accuracy" else "latency", "max_drop": drop,
            "max_drop_points": max_drop, "relative": relative, "latency_budget_ms": latency_budget_ms, "name": objective}
@@ -441,7 +456,8 @@ def search(graph, spec, calib_data, eval_data=None, metric=None, *, objective: s
     li = latency_inputs(g, ev.calib[0])
     measurer = make_measurer(measure, spec, inputs=li, threads=threads, tune_trials=tune_trials, cache_dir=cache_dir)
     header = {"model_hash": model_hash, "spec": spec.name, "spec_hash": spec_hash, "strategy": strategy, "seed": seed,
-              "budget": budget, "objective": obj, "measure": getattr(measurer, "name", "custom"), "source": g.source}
+              "budget": budget, "objective": obj, "measure": getattr(measurer, "name", "custom"), "source": g.source,
+              "method": method}
     tlog = TrialLog(log_path, header, append=bool(resume))
     db = LatencyDB(cache_dir, getattr(measurer, "target_key", "custom"), model_hash) if not callable(measure) or hasattr(measurer, "target_key") else None
     d = Driver(g, spec, ev, measurer, budget=budget, objective=obj, seed=seed, log=tlog, previous=previous, db=db,
