@@ -17,7 +17,9 @@ Untuned CPU kernels are correct but slow (plain loops); tune for speed: ``tune_t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import time
@@ -132,9 +134,6 @@ def to_irmodule(model, *, spec=None, input_shapes: dict | None = None, border_ke
         mod = realize(proto, input_shapes=shapes, border_kernels=border_kernels, **_spec_realize_options(spec))
         return fold_requantize_round_trips(mod), out_names, _quant_params(proto)
     from tvm.relax.frontend.onnx import from_onnx
-
-    import contextlib
-    import io
 
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the frontend prints the node it failed on, then raises

@@ -178,8 +178,11 @@ def _candidate_models(g: Graph, obs: dict, methods) -> tuple[onnx.ModelProto, li
 
 
 def calibrate_auto(g: Graph, calib_data, threads=None, progress=None, methods=AUTO_METHODS,
-                   race_ratio: float = RACE_RATIO, score_samples: int = SCORE_SAMPLES):
-    """Set every activation range with the method of ``methods`` whose outputs are closest to fp32."""
+                   race_ratio: float = RACE_RATIO, score_samples: int = SCORE_SAMPLES, observers: dict | None = None):
+    """Set every activation range with the method of ``methods`` whose outputs are closest to fp32.
+
+    ``observers``: histogram observers of these batches that the caller already has (the search's evaluator), so the
+    statistics pass is not run again; only the scored batches' float outputs are computed then."""
     from . import CalibrationReport, _materialize, activation_edges, apply_ranges, run_observers
 
     t0 = time.perf_counter()
@@ -189,8 +192,12 @@ def calibrate_auto(g: Graph, calib_data, threads=None, progress=None, methods=AU
     sizes = [int(next(iter(b.values())).shape[0]) for b in batches]
     total = sum(sizes)
     budget = max(1, int(np.searchsorted(np.cumsum(sizes), score_samples) + 1))  # batches reaching the budget
-    obs, refs = run_observers(g, batches, names, histogram=True, threads=threads, progress=progress,
-                              keep_outputs=budget)
+    if observers is None:
+        obs, refs = run_observers(g, batches, names, histogram=True, threads=threads, progress=progress,
+                                  keep_outputs=budget)
+    else:
+        obs = observers
+        refs = run_observers(g, batches[:budget], [], threads=threads, keep_outputs=True)[1]
     base, params = _candidate_models(g, obs, methods)
     # candidates with identical parameters share one score
     keys = [tuple((k, v.tobytes()) for k, v in sorted(f.items())) for f in params]

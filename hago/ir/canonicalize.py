@@ -329,8 +329,7 @@ def _div_to_mul(g: Graph, node: ir.Node) -> bool:
     name = f"{node.inputs[1].name}__reciprocal"
     existing = g.graph.initializers.get(name)
     if existing is None:
-        existing = ir.Value(name=name, shape=ir.Shape(list(recip.shape)), type=ir.TensorType(ir.DataType.from_numpy(recip.dtype)),
-                            const_value=ir.tensor(recip, name=name))
+        existing = ir.val(name, const_value=ir.tensor(recip, name=name))
         g.graph.register_initializer(existing)
     node.op_type = "Mul"
     node.replace_input_with(1, existing)

@@ -109,22 +109,6 @@ def _sparq_nodes(name: str, ann: EdgeAnnotation, nodes: list, inits: list, graph
     return p + "_v"
 
 
-def _rectifier_hi(node: onnx.NodeProto, inits: dict) -> float | None:
-    """inf for a Relu, ``hi`` for a Clip with constant min 0 and constant max ``hi > 0`` (or none); else None."""
-    if node.op_type == "Relu":
-        return float("inf") if len(node.input) == 1 else None
-    ins = list(node.input) + [""] * (3 - len(node.input))
-    if len(node.input) > 3 or not ins[1] or ins[1] not in inits or (ins[2] and ins[2] not in inits):
-        return None
-    lo = numpy_helper.to_array(inits[ins[1]])
-    if lo.size != 1 or float(lo.reshape(())) != 0.0:
-        return None
-    if not ins[2]:
-        return float("inf")
-    hi = numpy_helper.to_array(inits[ins[2]])
-    return float(hi.reshape(())) if hi.size == 1 and float(hi.reshape(())) > 0.0 else None
-
-
 def to_qdq(graph: Graph, *, int4_storage: bool = False) -> onnx.ModelProto:
     """The annotated graph as a QDQ ONNX ModelProto (the float graph is not modified)."""
     model = graph.to_onnx()
@@ -193,13 +177,15 @@ def to_qdq(graph: Graph, *, int4_storage: bool = False) -> onnx.ModelProto:
     # clamps negatives to code 0): drop it and its output's Q/DQ, exactly, as onnxruntime's own quantizer does. So
     # is a Clip from 0 to hi when the quantizer also saturates at hi (its top code is the one hi rounds to).
     outputs = {o.name for o in g.output}
+    ir_nodes = {n.name: n for n in graph.nodes() if n.op_type in ("Relu", "Clip")}
     dropped: set[int] = set()
     for k, node in enumerate(g.node):
-        if node.op_type not in ("Relu", "Clip") or node.output[0] in outputs or node.domain not in ("", "ai.onnx"):
+        if node.name not in ir_nodes or node.output[0] in outputs:
             continue
-        hi = _rectifier_hi(node, inits)
-        if hi is None:
+        bounds = Graph.rectifier_bounds(ir_nodes[node.name])
+        if bounds is None:
             continue
+        hi = bounds[1]
         x, r = node.input[0], node.output[0]
         ax, ar = anns.get(x), anns.get(r)
         if ax is None or ar is None or ar.tied_to != x or ax.kind != "activation" or ax.dtype != "uint8":

@@ -406,11 +406,11 @@ class Driver:
 
 def _auto_method(ev: Evaluator) -> str:
     """The threshold method ``method="auto"`` calibration picks for the all-integer configuration (the model
-    :func:`hago.quantize` gives by default), among those the search's evaluator knows."""
+    :func:`hago.quantize` gives by default), on the statistics the evaluator already collected."""
     from ..calibrate.auto import calibrate_auto
 
     qg = ev.build(Config.make({}, (), "mse"))
-    return str(calibrate_auto(qg.graph, ev.calib, threads=ev.threads)["method"])
+    return str(calibrate_auto(qg.graph, ev.calib, threads=ev.threads, observers=ev.observers)["method"])
 
 
 def search(graph, spec, calib_data, eval_data=None, metric=None, *, objective: str = "latency", max_drop: float = 1.0,
