@@ -114,8 +114,9 @@ def quantize(graph, spec, calib_data, *, weight_bits: int | None = None, activat
     ``graph`` may be a :class:`hago.Graph`, a path or a ModelProto; ``spec`` a
     :class:`HardwareSpec`, a path or a shipped spec name. ``method`` picks the
     activation thresholds: ``minmax``, ``avg_range``, ``percentile[:p]``,
-    ``kl``, ``mse``, ``lp:<p>`` or ``auto`` (the method whose network outputs
-    are closest to fp32 on the calibration data). ``float_nodes`` names nodes
+    ``kl``, ``mse``, ``lp:<p>`` or ``auto`` (percentile:99.99 unless another
+    method's network outputs are significantly closer to fp32 on the calibration
+    data: :mod:`hago.calibrate.auto`). ``float_nodes`` names nodes
     kept in float (mixed precision). ``sparq`` (``"bsparq"``, ``"vsparq"``, None;
     by default what the spec's ``sparq`` section declares) trims the 8-bit codes
     of activations entering Conv/Gemm/MatMul to 4-bit windows, bit-exactly
@@ -173,7 +174,8 @@ def mark_sparq(g: Graph, spec: HardwareSpec, mode: str | None = "spec") -> int:
 
 
 def _calibrate_auto(g: Graph, calib_data, threads, progress):
-    """Try each method of AUTO_METHODS; keep the one whose outputs are closest to fp32 (:mod:`hago.calibrate.auto`)."""
+    """Try each method of AUTO_METHODS; keep percentile:99.99 unless another's outputs are significantly closer to fp32
+    (:mod:`hago.calibrate.auto`)."""
     from .calibrate.auto import calibrate_auto
 
     return calibrate_auto(g, calib_data, threads=threads, progress=progress)
