@@ -154,6 +154,11 @@ def run_model(name: str, a, calib_set: int = 0) -> dict:
                    "test_loss": cross_entropy(fp.run(None, {inp: xte}), yte, None),
                    "calib_loss": cross_entropy(fp.run(None, {inp: xc}), yc, None)}
     kw = dict(per_channel=False, weight_bits=a.wbits, activation_bits=a.abits, sparq=None)
+    low = None
+    if a.protocol == "reference":
+        over, low = reference_tensors(g, a.wbits, a.abits)
+        kw |= dict(weight_bits=8, activation_bits=8, overrides=over)
+        out["protocol"] = {"low_bit": sorted(low)}
     for label, m in (("minmax", "minmax"), ("mse", "mse")):
         t0 = time.perf_counter()
         qg = hago.quantize(g, SPEC, calib, method=m, weight_method=m, **kw)
@@ -163,7 +168,7 @@ def run_model(name: str, a, calib_set: int = 0) -> dict:
         qg = hago.quantize(g, SPEC, calib, method="mse", weight_method="mse", **kw)
         out["engine"] = engine_timing(qg, calib)
     qg = hago.quantize(g, SPEC, calib, method="mse", weight_method="mse", **kw)
-    r, info = run_lapq(qg, calib, a)
+    r, info = run_lapq(qg, calib, a, edges=low)
     out["lapq"] = scores(qg, test, xc, yc, xte, yte) | info
     if r.bias_correction == "exact":  # the reference code's exact (float, off-grid) weight correction
         sim = [r.simulate({inp: b[inp]})[0].argmax(1) for b in test]
@@ -184,6 +189,19 @@ def kl_probs(outputs, labels, ref) -> float:
     p = np.clip(ref[0].astype(np.float64), eps, 1.0)
     q = np.clip(outputs[0].astype(np.float64), eps, 1.0)
     return float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=-1)))
+
+
+def reference_tensors(g, wbits: int, abits: int) -> tuple[dict, list]:
+    """The tensors the reference code quantizes (``layer_scale_optimization_opt.py``: the Conv2d weights but the
+    first and the last, the ReLU outputs but the first and the last; the Linear layer and every other tensor stay
+    float): overrides setting those to ``wbits`` / ``abits``, and their names. The caller quantizes the rest at
+    8 bits, hago's stand-in for float, and LAPQ optimises only the low-bit tensors."""
+    convs = [n for n in g.nodes() if n.op_type == "Conv" and n.inputs[1] is not None
+             and n.inputs[1].const_value is not None]
+    relus = [n for n in g.nodes() if n.op_type == "Relu"]
+    over = {n.inputs[1].name: {"bits": wbits} for n in convs[1:-1]}
+    over |= {n.outputs[0].name: {"bits": abits} for n in relus[1:-1]}
+    return over, list(over)
 
 
 def end_overrides(g, bits: int) -> dict:
@@ -283,6 +301,10 @@ def main():
                     help="bias correction of the weights (the reference code's -bcw): on / round = on the integer grid "
                          "(mean-preserving rounding), searched and written; exact = the reference's off-grid formula "
                          "in the search, written on the grid; bias = folded into the biases; off")
+    ap.add_argument("--protocol", choices=("hago", "reference"), default="hago",
+                    help="MNIST: which tensors take the low bits: hago = every annotated tensor (the baselines' "
+                         "setting); reference = the reference code's (Conv weights and ReLU outputs, each but the "
+                         "first and the last), the others at 8 bits, LAPQ optimising the low-bit ones only")
     ap.add_argument("--wbits", type=int, default=4, help="MNIST: weight bits (per tensor)")
     ap.add_argument("--abits", type=int, default=4, help="MNIST: activation bits")
     ap.add_argument("--seeds", type=int, default=1,
@@ -321,7 +343,9 @@ def main():
     names = a.models.split(",")
     mnist = [n for n in names if n != "ppocr_rec"]
     if mnist:
-        print(f"W{a.wbits}A{a.abits} (x86_avx512_vnni, per-tensor {a.wbits}-bit weights, {a.abits}-bit activations). "
+        proto = ("" if a.protocol == "hago" else "; the reference code's tensors at those bits (Conv weights and "
+                 "ReLU outputs but the first and last), the rest 8-bit")
+        print(f"W{a.wbits}A{a.abits} (x86_avx512_vnni, per-tensor {a.wbits}-bit weights, {a.abits}-bit activations{proto}). "
               "Each cell: top-1 and CE on the "
               f"1,000 test digits / CE on the {a.calib} calibration digits (the loss LAPQ minimises); seconds. "
               f"LAPQ: bias correction {a.bcw}, Powell maxiter {a.maxiter}, maxfev {a.maxfev}")
