@@ -61,7 +61,9 @@ parabola's p even when a grid point is better; hago optimises bounded
 multipliers on the Lp ranges (``xtol=1e-2``) and keeps the refined p only when it
 is better. The reference leaves the first and last layers unquantized and
 quantizes ReLU outputs only; hago quantizes every annotated tensor, as the
-baselines it is compared with do. hago's asymmetric activation ranges are
+baselines it is compared with do, and ``edges`` (with per-edge bit overrides in
+:func:`hago.quantize`) reproduces the reference's set
+(``bench/bench_lapq.py --protocol reference``). hago's asymmetric activation ranges are
 scaled at both ends by the same multiplier.
 """
 from __future__ import annotations
