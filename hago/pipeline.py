@@ -181,6 +181,16 @@ def _calibrate_auto(g: Graph, calib_data, threads, progress):
     return calibrate_auto(g, calib_data, threads=threads, progress=progress)
 
 
+def _auto_reason(cal: dict) -> str:
+    """Why auto kept its method: the reference, or how many standard errors closer to fp32 the pick was."""
+    ref, m = cal.get("reference"), cal["method"]
+    if not ref:
+        return ""
+    if m == ref:
+        return f": no candidate significantly closer to fp32 than {ref}"
+    return f": {cal.get('z', {}).get(m, float('nan')):.1f} standard errors closer to fp32 than {ref}"
+
+
 def summary(graph: Graph, spec: HardwareSpec, calibration: dict | None = None) -> str:
     """Human-readable table: integer/float ops, per-edge bits, calibration methods, fallbacks."""
     nodes = graph.nodes()
@@ -208,5 +218,6 @@ def summary(graph: Graph, spec: HardwareSpec, calibration: dict | None = None) -
     if calibration:
         lines.append(f"  calibration: {calibration.get('batches')} batches, {calibration.get('samples')} samples, "
                      f"{calibration.get('seconds', 0):.2f} s"
-                     + (f", method {calibration['method']} (auto)" if "candidates" in calibration else ""))
+                     + (f", method {calibration['method']} (auto{_auto_reason(calibration)})"
+                        if "candidates" in calibration else ""))
     return "\n".join(lines)

@@ -242,6 +242,10 @@ def test_auto_result_equals_the_chosen_method():
     for k in a:
         np.testing.assert_allclose(np.asarray(a[k].scale), np.asarray(b[k].scale), rtol=1e-6)
     assert any(h.startswith("calibrate auto:") for h in qg.graph.history)
+    # the summary says why: the reference kept, or how much closer the pick was
+    ref = qg.calibration["reference"]
+    assert (f"no candidate significantly closer to fp32 than {ref}" in qg.summary() if qg.calibration["method"] == ref
+            else f"standard errors closer to fp32 than {ref}" in qg.summary())
 
 
 def test_constant_operand_annotated_as_activation_gets_its_own_range():
