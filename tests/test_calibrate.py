@@ -326,3 +326,10 @@ def test_auto_keeps_the_reference_unless_a_candidate_is_significantly_closer():
     e = auto_mod.sample_errors([p], [q])
     assert e.shape == (2,) and e[1] == 0 and e[0] == pytest.approx(1 / 3, abs=auto_mod.TIE_WEIGHT)
     assert auto_mod.output_error([p], [q]) == pytest.approx(e.mean())
+    # the reference must be a candidate; without percentile:99.99 among them it is the first one
+    from hago.errors import CalibrationError
+
+    data = calib([4, 3, 16, 16], n=2)
+    with pytest.raises(CalibrationError, match="reference method 'kl'"):
+        auto_mod.calibrate_auto(_prepared(conv_bn_net()), data, methods=["minmax", "mse"], reference="kl")
+    assert auto_mod.calibrate_auto(_prepared(conv_bn_net()), data, methods=["mse", "minmax"])["reference"] == "mse"

@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..errors import CalibrationError
 from ..ir.graph import Graph
 from ..runtime import ort as rt
 
@@ -242,7 +243,7 @@ def calibrate_auto(g: Graph, calib_data, threads=None, progress=None, methods=AU
     methods = list(methods)
     reference = reference or (REFERENCE if REFERENCE in methods else methods[0])
     if reference not in methods:
-        raise ValueError(f"auto calibration: reference method {reference!r} is not among {methods}")
+        raise CalibrationError(f"auto calibration: reference method {reference!r} is not among {methods}")
     batches = _materialize(calib_data, g.input_names)
     names = [v.name for v, _ in activation_edges(g)]
     sizes = [int(next(iter(b.values())).shape[0]) for b in batches]
