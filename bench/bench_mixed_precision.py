@@ -108,7 +108,8 @@ def compare(out: dict, g, calib, calib_loss, accuracy, candidates, methods, *, l
     return out
 
 
-def run_model(name: str, n_calib: int, candidates, units="all", verbose=False) -> dict:
+def run_model(name: str, n_calib: int, candidates, units="all", verbose=False, calib_set: int = 0) -> dict:
+    """One MNIST model; calibration set ``calib_set`` k is training digits [k*n_calib, (k+1)*n_calib)."""
     from hago.examples import datasets
     from hago.pipeline import evaluate
 
@@ -116,11 +117,14 @@ def run_model(name: str, n_calib: int, candidates, units="all", verbose=False) -
     inp = g.input_names[0]
     xtr, ytr = datasets.mnist("train")
     xte, yte = datasets.mnist("test")
-    calib = list(datasets.batches(xtr[:n_calib], 128, inp, ytr[:n_calib]))
+    lo = calib_set * n_calib
+    if lo + n_calib > len(xtr):
+        raise SystemExit(f"--seeds: only {len(xtr) // n_calib} disjoint sets of {n_calib} training digits")
+    xc, yc = xtr[lo:lo + n_calib], ytr[lo:lo + n_calib]
+    calib = list(datasets.batches(xc, 128, inp, yc))
     test = list(datasets.batches(xte, 250, inp, yte))
-    xc, yc = xtr[:n_calib], ytr[:n_calib]
     fp = rt.session(g.to_onnx())
-    out = {"model": name, "calib_samples": n_calib,
+    out = {"model": name, "calib_samples": n_calib, "calib_set": calib_set,
            "fp32": {"acc": evaluate(lambda f: fp.run(None, f), test),
                     "calib_loss": cross_entropy(fp.run(None, {inp: xc}), yc, None)}}
     return compare(out, g, calib, lambda q: cross_entropy(q.run({inp: xc}), yc, None), lambda q: q.evaluate(test),
@@ -145,12 +149,48 @@ def run_ocr(n_calib: int, n_lines: int, candidates, methods, units="weighted", v
                    methods, loss=ctc, hessian=False, units=units, verbose=verbose)
 
 
+def robustness_summary(rows: list) -> None:
+    """Per model over the calibration sets: the relative loss increase of all 4-bit (how much the noise hurts)
+    and the relative improvement available (how far below fp32 a layout got); then, set by set, on how many sets
+    each model has the smaller of each (the paper: a network with identity mappings is more robust and harder to
+    improve)."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    per = {m: [r for r in rows if r["model"] == m] for m in models}
+
+    def hurt(r):
+        return (r["all4"]["calib_loss"] - r["fp32"]["calib_loss"]) / r["fp32"]["calib_loss"]
+
+    print()
+    print("| model | all 4-bit loss increase, mean (per set) | improvement available, mean (per set) | "
+          "second_order avg bits / top-1 (fp32) |")
+    print("|---|---|---|---|")
+    for m in models:
+        rs = per[m]
+        h = [hurt(r) * 100 for r in rs]
+        imp = [r["improvement_available_rel"] * 100 for r in rs]
+        so = [r["second_order"] for r in rs if "second_order" in r]
+        bits = f"{np.mean([d['avg_bits'] for d in so]):.2f} / {np.mean([d['acc'] for d in so]) * 100:.2f} % " \
+               f"({rs[0]['fp32']['acc'] * 100:.1f} %)" if so else "-"
+        print(f"| {m} | {np.mean(h):+.1f} % ({' / '.join(f'{x:+.1f}' for x in h)}) | "
+              f"{np.mean(imp):+.1f} % ({' / '.join(f'{x:+.1f}' for x in imp)}) | {bits} |")
+    if len(models) == 2 and len(per[models[0]]) == len(per[models[1]]):
+        a, b = per[models[0]], per[models[1]]
+        print(f"sets where {models[0]} is hurt less than {models[1]} by all 4-bit: "
+              f"{sum(hurt(x) < hurt(y) for x, y in zip(a, b))} of {len(a)}; "
+              f"sets where it has less improvement available: "
+              f"{sum(x['improvement_available_rel'] < y['improvement_available_rel'] for x, y in zip(a, b))} of {len(a)}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mnist_resnet,mnist_plain")
     ap.add_argument("--calib", type=int, default=192)
     ap.add_argument("--candidates", default="4,6,8")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="MNIST: run on K disjoint calibration sets (training digits [k*calib, (k+1)*calib)) and "
+                         "compare the models' robustness (loss increase at all 4-bit) and improvement available "
+                         "set by set")
     ap.add_argument("--ocr-calib", type=int, default=16, help="ppocr_rec: calibration lines (CTC loss)")
     ap.add_argument("--ocr-lines", type=int, default=150, help="ppocr_rec: rendered test lines")
     ap.add_argument("--ocr-methods", default="second_order,input_error",
@@ -170,23 +210,26 @@ def main():
           f"{a.ocr_lines} test lines")
     print("| model | method | calib loss (fp32) | <= fp32 | avg bits | top-1 (fp32) | evals | s |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in a.models.split(","):
+    jobs = [(n, 0) for n in a.models.split(",") if n == "ppocr_rec"]
+    jobs = [(n, k) for k in range(a.seeds) for n in a.models.split(",") if n != "ppocr_rec"] + jobs
+    for name, k in jobs:
         if name == "ppocr_rec":
             r = run_ocr(a.ocr_calib, a.ocr_lines, cands, a.ocr_methods.split(","), a.units or "weighted", a.verbose)
         else:
-            r = run_model(name, a.calib, cands, a.units or "all", a.verbose)
+            r = run_model(name, a.calib, cands, a.units or "all", a.verbose, calib_set=k)
         rows.append(r)
         f = r["fp32"]
+        label0 = name if a.seeds == 1 or name == "ppocr_rec" else f"{name} (set {k})"
         for key, label in (("all8", "all 8-bit"), ("all4", "all 4-bit")):
             d = r[key]
-            print(f"| {name} | {label} | {d['calib_loss']:.4f} ({f['calib_loss']:.4f}) | "
+            print(f"| {label0} | {label} | {d['calib_loss']:.4f} ({f['calib_loss']:.4f}) | "
                   f"{'yes' if d['calib_loss'] <= f['calib_loss'] else 'no'} | {key[-1]} | "
                   f"{d['acc'] * 100:.1f} % ({f['acc'] * 100:.1f} %) | - | - |")
         for m, _, _ in METHODS:
             if m not in r:
                 continue
             d = r[m]
-            print(f"| {name} | {m}{' (' + d['fallback'] + ')' if d['fallback'] else ''} | {d['calib_loss']:.4f} "
+            print(f"| {label0} | {m}{' (' + d['fallback'] + ')' if d['fallback'] else ''} | {d['calib_loss']:.4f} "
                   f"({f['calib_loss']:.4f}) | {'yes' if d['feasible'] else 'no'} | {d['avg_bits']:.2f} | "
                   f"{d['acc'] * 100:.1f} % ({f['acc'] * 100:.1f} %) | {d['evals']} | {d['seconds']:.0f} |", flush=True)
         if a.verbose:
@@ -195,9 +238,11 @@ def main():
     print("| model | layer inputs (units) | fp32 loss | lowest measured loss | improvement available | sensitivity evals |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['units']} ({r['unit_kind']}) | {r['fp32']['calib_loss']:.4f} | {r['best_measured_loss']:.4f} | "
+        print(f"| {r['model']}{'' if 'calib_set' not in r else ' (set %d)' % r['calib_set']} | {r['units']} ({r['unit_kind']}) | {r['fp32']['calib_loss']:.4f} | {r['best_measured_loss']:.4f} | "
               f"{r['improvement_available']:+.4f} ({r['improvement_available_rel'] * 100:+.1f} %) | "
               f"{r['sensitivity_evals']} |")
+    if a.seeds > 1:
+        robustness_summary([r for r in rows if r["model"] != "ppocr_rec"])
     print(f"total {time.perf_counter() - t_all:.0f} s")
     if a.json:
         with open(a.json, "w") as fh:
