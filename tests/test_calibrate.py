@@ -316,6 +316,9 @@ def test_auto_keeps_the_reference_unless_a_candidate_is_significantly_closer():
     assert pick == "s" and z["r"] == 0.0 and z["s"] > auto_mod.Z_SWITCH
     # of several significant candidates the lowest mean wins
     assert auto_mod.choose({"r": ref, "s": steady, "t": steady - 0.01}, "r")[0] == "t"
+    # non-finite errors (NaN outputs) never win, and lose to any finite candidate when the reference has them
+    assert auto_mod.choose({"r": ref, "x": np.full(32, np.nan)}, "r")[0] == "r"
+    assert auto_mod.choose({"r": np.full(32, np.nan), "w": worse}, "r")[0] == "w"
     # one sample (no spread): any improvement counts
     assert auto_mod.choose({"r": ref[:1], "s": ref[:1] - 1e-3}, "r")[0] == "s"
     # the per-sample errors: a distribution output counts each sample's changed decisions

@@ -112,10 +112,15 @@ def paired_z(ref: np.ndarray, cand: np.ndarray) -> float:
 def choose(errors: dict, reference, z_switch: float = Z_SWITCH) -> tuple[object, dict]:
     """The candidate to keep: among those whose per-sample ``errors`` are lower than the ``reference``'s by more
     than ``z_switch`` standard errors (:func:`paired_z`), the one with the lowest mean error; else the reference.
-    Returns ``(key, {key: z})``."""
+    A candidate whose errors are not all finite (NaN outputs) is never picked; one whose are beats a reference whose
+    are not. Returns ``(key, {key: z})``."""
     ref = np.asarray(errors[reference], np.float64)
-    z = {k: (0.0 if k == reference else paired_z(ref, e)) for k, e in errors.items()}
-    better = [k for k in errors if k != reference and z[k] > z_switch]
+    finite = {k for k, e in errors.items() if np.all(np.isfinite(e))}
+    if reference not in finite:  # the reference's outputs went NaN/Inf: any candidate with finite errors is better
+        z = {k: (float("inf") if k in finite else 0.0) for k in errors}
+    else:
+        z = {k: (0.0 if k == reference or k not in finite else paired_z(ref, e)) for k, e in errors.items()}
+    better = [k for k in errors if k != reference and k in finite and z[k] > z_switch]
     if not better:
         return reference, z
     return min(better, key=lambda k: float(np.mean(errors[k]))), z
