@@ -282,8 +282,8 @@ def calibrate_auto(g: Graph, calib_data, threads=None, progress=None, methods=AU
             progress(1)
         if seen >= warmup and len(alive) > 1:  # the reference always stays: the others are tested against it
             means = {i: float(np.mean(np.concatenate(errs[i]))) for i in alive}
-            lead = min(means.values())
-            alive = [i for i in alive if i == ref or means[i] <= race_ratio * lead]
+            lead = min([v for v in means.values() if np.isfinite(v)], default=np.inf)
+            alive = [i for i in alive if i == ref or (np.isfinite(means[i]) and means[i] <= race_ratio * lead)]
     per_sample = {i: np.concatenate(e) if e else np.zeros(1) for i, e in errs.items()}
     mean = {i: float(np.mean(e)) for i, e in per_sample.items()}
     pick, z = choose({i: per_sample[i] for i in alive}, ref, z_switch)
