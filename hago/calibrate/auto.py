@@ -12,9 +12,10 @@ Cost, in runs of the model over the calibration batches:
   fusions) without its QDQ-to-integer fusion: hago's float simulation, faster;
 * scoring races the candidates batch by batch: once ``min(16, n/4)`` samples
   are scored, a candidate whose mean error is more than ``RACE_RATIO`` times the
-  best one's is dropped, and scoring ends when one is left or after the batches
-  that reach ``SCORE_SAMPLES`` samples (at least one; only their float outputs
-  are kept). Candidates with identical parameters are scored once.
+  best one's is dropped (never the reference, below), and scoring ends when one
+  is left or after the batches that reach ``SCORE_SAMPLES`` samples (at least
+  one; only their float outputs are kept). Candidates with identical parameters
+  are scored once.
 
 The error of a sample is the mean squared difference of its model outputs,
 normalized by their variance over the batch (an inverse SQNR); for an output that
@@ -26,8 +27,9 @@ The choice is a paired test, not the bare minimum: auto keeps :data:`REFERENCE`
 (percentile:99.99) unless another candidate's per-sample errors are lower by more
 than :data:`Z_SWITCH` standard errors of the paired difference (:func:`choose`).
 A few calibration samples rank close candidates by chance: on PP-OCRv4 rec (32
-calibration lines, ~1,300 decisions) a candidate with 44 changed decisions
-against the reference's 50 read 1.95 points fewer test characters right.
+calibration lines, ~1,300 decisions) a candidate with a lower mean error by a few
+changed decisions read 1.95 points fewer test characters right
+(``bench/bench_auto.py`` replays the rules on every candidate's test accuracy).
 """
 from __future__ import annotations
 
