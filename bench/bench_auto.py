@@ -1,7 +1,7 @@
 """How ``method="auto"`` should choose: selection rules replayed on every candidate's test accuracy.
 
     python bench/bench_auto.py [--models ppocr_rec,mnist_cnn,mnist_mobilenetv2] [--specs x86_avx2,x86_avx512_vnni]
-                               [--seeds 5] [--calib 32] [--ocr-lines 150]
+                               [--seeds 5] [--calib 32] [--ocr-lines 150] [--methods m1,m2,...]
 
 For each model, spec and calibration set (the sets and the test data of ``bench_quantize.py``: set k is the k-th
 block of training digits, or 32 rendered lines of calibration seed 1 + k), every candidate of
@@ -18,6 +18,9 @@ picks:
 * ``reference always``: :data:`~hago.calibrate.auto.REFERENCE` on every set;
 * ``reference unless z > Z``: :func:`hago.calibrate.auto.choose`, what ``auto`` does now;
 * ``oracle``: the candidate with the best test accuracy (not available to a user: the ceiling).
+
+``--methods`` replaces the candidates (default ``AUTO_METHODS``; it must include the reference), e.g. to see what
+more candidates do to the rules.
 
 The replay leaves out ``auto``'s race (which only stops scoring candidates far behind the leader), so a pick can
 differ from ``hago.quantize(..., method="auto")`` where the race dropped a candidate early.
@@ -45,7 +48,7 @@ from hago.runtime import ort as rt  # noqa: E402
 RULES = ("lowest mean error", "reference always", f"reference unless z > {Z_SWITCH:g}", "oracle")
 
 
-def candidates_on_set(path, spec, batches, accuracy) -> dict:
+def candidates_on_set(path, spec, batches, accuracy, methods) -> dict:
     """``{method: (test accuracy, per-sample errors on the scored calibration samples)}`` for one set."""
     g = hago.load(path)
     partition(g, spec)
@@ -55,7 +58,7 @@ def candidates_on_set(path, spec, batches, accuracy) -> dict:
     names = [v.name for v, _ in activation_edges(g)]
     obs, refs = run_observers(g, batches, names, histogram=True, keep_outputs=scored)
     out = {}
-    for m in AUTO_METHODS:
+    for m in methods:
         apply_ranges(g, obs, method=m)
         model = to_qdq(g)
         sess = rt.session(model, optimize="basic")
@@ -65,13 +68,14 @@ def candidates_on_set(path, spec, batches, accuracy) -> dict:
 
 
 def pick(rule: str, cands: dict) -> str:
+    methods = list(cands)
     if rule == "lowest mean error":
-        return min(AUTO_METHODS, key=lambda m: (float(np.mean(cands[m][1])), AUTO_METHODS.index(m)))
+        return min(methods, key=lambda m: (float(np.mean(cands[m][1])), methods.index(m)))
     if rule == "reference always":
         return REFERENCE
     if rule == "oracle":
-        return max(AUTO_METHODS, key=lambda m: (cands[m][0], -AUTO_METHODS.index(m)))
-    return choose({m: cands[m][1] for m in AUTO_METHODS}, REFERENCE)[0]
+        return max(methods, key=lambda m: (cands[m][0], -methods.index(m)))
+    return choose({m: c[1] for m, c in cands.items()}, REFERENCE)[0]
 
 
 def main():
@@ -83,7 +87,11 @@ def main():
     ap.add_argument("--seeds", type=int, default=None, help="calibration sets (default: 5 for ppocr_rec, 10 for MNIST)")
     ap.add_argument("--calib", type=int, default=None, help="samples per set (default: 32 lines, 128 digits)")
     ap.add_argument("--ocr-lines", type=int, default=150)
+    ap.add_argument("--methods", default=",".join(AUTO_METHODS), help="the candidates (must include the reference)")
     a = ap.parse_args()
+    methods = a.methods.split(",")
+    if REFERENCE not in methods:
+        raise SystemExit(f"--methods must include the reference {REFERENCE}")
     t_all = time.perf_counter()
     rows = []
     for name in a.models.split(","):
@@ -96,7 +104,7 @@ def main():
             spec = hago.load_spec(spec_name)
             sets = []
             for k in range(seeds):
-                cands = candidates_on_set(path, spec, calib(n, k), accuracy)
+                cands = candidates_on_set(path, spec, calib(n, k), accuracy, methods)
                 sets.append(cands)
                 print(f"  [{name} {spec_name}] set {k}: " + ", ".join(
                     f"{m} {c[0] * 100:.2f} (err {np.mean(c[1]):.4g})" for m, c in cands.items()), flush=True)
@@ -104,7 +112,7 @@ def main():
             means = {r: float(np.mean([c[p][0] for c, p in zip(sets, picks[r])])) * 100 for r in RULES}
             rows.append((name, spec_name, metric, means, picks))
     print(f"\nMean test accuracy of each rule's picks (per-set picks below the table); candidates "
-          f"{', '.join(AUTO_METHODS)}; reference {REFERENCE}")
+          f"{', '.join(methods)}; reference {REFERENCE}")
     print("| model | spec | metric | " + " | ".join(RULES) + " |")
     print("|" + "---|" * (len(RULES) + 3))
     for name, spec_name, metric, means, _ in rows:

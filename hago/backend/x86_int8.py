@@ -312,8 +312,6 @@ def space_generator(intrin: str = AVX2_DOT_16x4):
 # Relax rewrite: int8 conv2d / matmul -> packed layouts the intrinsic can read
 
 
-
-
 def _static_shape(expr) -> tuple | None:
     from tvm import relax
 

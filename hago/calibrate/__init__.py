@@ -197,9 +197,10 @@ def rectifier_hi(graph: Graph, v, a) -> float | None:
 
 def _fold_relu_ranges(graph: Graph) -> None:
     """An activation that :func:`relu_folds` is quantized on the Relu's range ``[0, max]`` (a Clip's: ``[0,
-    min(max, hi)]``): its zero point becomes 0, so quantization itself clamps the negatives (and saturates at hi). The result is exactly ``Q(relu(x))``, negative codes are not
-    wasted, and onnxruntime's QDQ optimizer drops the Relu and the Q/DQ pair around it (what its own quantizer
-    produces). Graph outputs and edges read elsewhere are left alone."""
+    min(max, hi)]``): its zero point becomes 0, so quantization itself clamps the negatives (and saturates at hi).
+    The result is exactly ``Q(relu(x))``, negative codes are not wasted, and onnxruntime's QDQ optimizer drops the
+    Relu and the Q/DQ pair around it (what its own quantizer produces). Graph outputs and edges read elsewhere are
+    left alone."""
     for v, a in activation_edges(graph):
         if a.rmin is None or np.ndim(a.rmin):
             continue
