@@ -8,6 +8,7 @@
     options: --iters 600 --iters-a 100 --lr 1e-3 --calib 1024 --batch-size 32 --n-act-init 256
              --methods rtn,adaround,brecq --json out.json  (MNIST defaults; ppocr_rec: 100, 20, 1e-2, 64, 4, 32)
              --calib-set K  (MNIST: calibrate on training digits [K*calib, (K+1)*calib), disjoint sets)
+             --train-seeds 0,1,2,3,4  (MNIST: every method on each trained network, then a summary over them)
 
 On MNIST the table also gives, for the W+A model, its top-1 agreement with fp32, its logit SNR against fp32
 and its held-out cross-entropy: where every method sits at fp32's top-1 they still tell the methods apart.
@@ -114,8 +115,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hago  # noqa: E402
 from hago.algorithms import brecq as B  # noqa: E402
 from hago.examples import datasets  # noqa: E402
+from common import SEED_DIR, add_network_args, mnist_model, network_seeds  # noqa: E402
 
-MODELS = os.path.join(os.path.dirname(hago.__file__), "examples", "models")
 
 
 def accuracy_torch(mod, x, y) -> float:
@@ -134,8 +135,8 @@ def accuracy_ort(model, x, y) -> float:
 
 
 class MnistTask:
-    def __init__(self, name, a):
-        self.model = hago.load(os.path.join(MODELS, name + ".onnx")).to_onnx()  # BatchNorm folded
+    def __init__(self, name, a, train_seed=0):
+        self.model = hago.load(mnist_model(name, train_seed, a.seed_dir or SEED_DIR)).to_onnx()  # BatchNorm folded
         xtr, ytr = datasets.mnist("train")
         self.x, self.y = datasets.mnist("test")
         lo, hi = a.calib_set * a.calib, (a.calib_set + 1) * a.calib
@@ -205,31 +206,10 @@ DEFAULTS = {
 }
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="mnist_resnet", help="mnist_cnn, mnist_resnet or ppocr_rec")
-    ap.add_argument("--wbits", type=int, default=4)
-    ap.add_argument("--abits", type=int, default=8)
-    ap.add_argument("--iters", type=int, default=None)
-    ap.add_argument("--iters-a", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--calib", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--n-act-init", type=int, default=None, help="samples for the activation range init")
-    ap.add_argument("--ocr-lines", type=int, default=150, help="ppocr_rec: rendered test lines")
-    ap.add_argument("--methods", default="rtn,adaround,brecq")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--calib-set", type=int, default=0,
-                    help="MNIST: calibrate on training digits [K*calib, (K+1)*calib) (disjoint sets)")
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
-    for k, v in DEFAULTS["ppocr_rec" if a.model == "ppocr_rec" else "mnist"].items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
-
-    import torch
-    torch.set_num_threads(1)
-    task = OcrTask(a) if a.model == "ppocr_rec" else MnistTask(a.model, a)
+def run_network(a, train_seed=0) -> list:
+    """Every method of ``--methods`` on one network (``train_seed``: MNIST training seed, 0 the shipped model);
+    prints its table and returns its rows."""
+    task = OcrTask(a) if a.model == "ppocr_rec" else MnistTask(a.model, a, train_seed)
     model, calib = task.model, task.calib
     fp_mod = B.simulate(model, B.BrecqResult("fp32", {}, {}, {}, {}, {}, {}))
     rows = [{"method": "fp32", "w_only": task.torch_acc(fp_mod), "w_a": None,
@@ -237,7 +217,8 @@ def main():
     ref = task.logits(fp_mod)
     if ref is not None:
         rows[0]["fidelity"] = task.fidelity(ref, ref)
-    print(f"{a.model}: W{a.wbits}A{a.abits}, {a.iters} iterations per block, {a.iters_a} for activation steps, "
+    net = "" if train_seed == 0 else f" (training seed {train_seed})"
+    print(f"{a.model}{net}: W{a.wbits}A{a.abits}, {a.iters} iterations per block, {a.iters_a} for activation steps, "
           f"batch {a.batch_size}, lr {a.lr}, {task.what}; fp32 {rows[0]['w_only']:.1f} % (torch) / "
           f"{rows[0]['ort_w_only']:.1f} % (onnxruntime)", flush=True)
     for method in a.methods.split(","):
@@ -266,7 +247,7 @@ def main():
               f"onnxruntime W{a.wbits} {row['ort_w_only']:.1f} %, {secs:.0f} s", flush=True)
     print()
     fid = ref is not None
-    print(f"| {a.model} | W{a.wbits}A32 (torch / onnxruntime) | W{a.wbits}A{a.abits} (torch) | "
+    print(f"| {a.model}{net} | W{a.wbits}A32 (torch / onnxruntime) | W{a.wbits}A{a.abits} (torch) | "
           + ("agrees with fp32 % / logit SNR dB / test CE | " if fid else "") + "time (s) |")
     print("|---|---|---|" + ("---|" if fid else "") + "---|")
     for r in rows:
@@ -275,11 +256,75 @@ def main():
         f = r.get("fidelity")
         fc = (f"{f['agree']:.1f} / {f['snr']:.1f} / {f['ce']:.4f} | " if f else "- | ") if fid else ""
         print(f"| {r['method']} | {wo} / {r['ort_w_only']:.1f} | {wa} | {fc}{r['seconds']:.0f} |")
+    return rows
+
+
+def networks_summary(a, per_net: dict) -> None:
+    """Over several trained networks: each method's mean W+A top-1, agreement, SNR and test CE, and each method's
+    difference to round-to-nearest per network (mean +- standard error; networks above / equal / below)."""
+    seeds = list(per_net)
+    methods = [r["method"] for r in per_net[seeds[0]]]
+
+    def col(m, f):
+        return np.array([next(r for r in per_net[sd] if r["method"] == m)[f] if f in ("w_a", "w_only") else
+                         next(r for r in per_net[sd] if r["method"] == m)["fidelity"][f] for sd in seeds], float)
+
+    print(f"\n{a.model} W{a.wbits}A{a.abits} over {len(seeds)} trained networks (training seeds "
+          f"{', '.join(map(str, seeds))}; seed 0 is the shipped model): mean W+A top-1 (per network), agreement with "
+          f"fp32 %, logit SNR dB, test CE")
+    print("| method | W+A top-1 mean (per network) | agrees | SNR | CE |")
+    print("|---|---|---|---|---|")
+    for m in methods:
+        acc = col(m, "w_only" if m == "fp32" else "w_a")
+        print(f"| {m} | {acc.mean():.2f} ({' / '.join(f'{x:.1f}' for x in acc)}) | {col(m, 'agree').mean():.2f} | "
+              f"{col(m, 'snr').mean():.1f} | {col(m, 'ce').mean():.4f} |")
+    if "rtn" in methods:
+        for m in methods:
+            if m in ("fp32", "rtn"):
+                continue
+            d = col(m, "w_a") - col("rtn", "w_a")
+            ds = col(m, "snr") - col("rtn", "snr")
+            se = d.std(ddof=1) / np.sqrt(len(d))
+            print(f"{m} - rtn: top-1 {d.mean():+.2f} +- {se:.2f} points (networks above / equal / below: "
+                  f"{int(np.sum(d > 1e-9))} / {int(np.sum(np.abs(d) <= 1e-9))} / {int(np.sum(d < -1e-9))}); "
+                  f"SNR {ds.mean():+.1f} dB (higher on {int(np.sum(ds > 0))} of {len(ds)})", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="mnist_resnet", help="mnist_cnn, mnist_resnet or ppocr_rec")
+    ap.add_argument("--wbits", type=int, default=4)
+    ap.add_argument("--abits", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--iters-a", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--calib", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--n-act-init", type=int, default=None, help="samples for the activation range init")
+    ap.add_argument("--ocr-lines", type=int, default=150, help="ppocr_rec: rendered test lines")
+    ap.add_argument("--methods", default="rtn,adaround,brecq")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calib-set", type=int, default=0,
+                    help="MNIST: calibrate on training digits [K*calib, (K+1)*calib) (disjoint sets)")
+    add_network_args(ap)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    for k, v in DEFAULTS["ppocr_rec" if a.model == "ppocr_rec" else "mnist"].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+
+    import torch
+    torch.set_num_threads(1)
+    seeds = [0] if a.model == "ppocr_rec" else network_seeds(a)
+    per_net = {sd: run_network(a, sd) for sd in seeds}
+    rows = per_net[seeds[0]]
+    if len(seeds) > 1:
+        networks_summary(a, per_net)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "wbits": a.wbits, "abits": a.abits, "iters": a.iters,
                        "iters_a": a.iters_a, "calib": a.calib, "batch_size": a.batch_size, "lr": a.lr,
-                       "rows": rows}, f, indent=1)
+                       "rows": rows, "networks": {str(k): v for k, v in per_net.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ clipping at W4A4 on the MNIST example models and on PP-OCRv4 recognition.
 
     python bench/bench_lapq.py [--models mnist_cnn,mnist_resnet] [--calib 512] [--maxiter 1] [--maxfev N]
                                [--bcw on|round|bias|off] [--seeds K] [--wbits 4 --abits 4] [--json out.json]
+                               [--protocol hago|reference] [--train-seeds 0,1,2] [--from-json out.json]
     python bench/bench_lapq.py --model ppocr_rec [--ocr-calib 8] [--ocr-lines 150] [--ocr-maxfev 60]
                                [--ocr-powell-top 8] [--ocr-wbits 4 --ocr-abits 4] [--ocr-loss kl|ctc]
                                [--ocr-per-channel] [--ocr-ends 8]
@@ -54,12 +55,13 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hago  # noqa: E402
 from hago.algorithms.lapq import ParamModel, apply_clipping, cross_entropy, lapq, lp_ranges  # noqa: E402
 from hago.runtime import ort as rt  # noqa: E402
+from common import add_network_args, mnist_model, network_seeds  # noqa: E402
 
-MODELS = os.path.join(os.path.dirname(hago.__file__), "examples", "models")
 SPEC = "x86_avx512_vnni"
 BCW = {"on": True, "round": "round", "exact": "exact", "off": False, "bias": "bias"}
 OCR_P_GRID = (2.0, 2.5, 3.0, 3.5, 4.0)
@@ -128,13 +130,13 @@ def run_lapq(qg, calib, a, **kw):
     return r, info
 
 
-def run_model(name: str, a, calib_set: int = 0) -> dict:
+def run_model(name: str, a, calib_set: int = 0, train_seed: int = 0) -> dict:
     """One MNIST model; ``calib_set`` k takes training digits [k*calib, (k+1)*calib) for calibration
-    (disjoint sets for --seeds)."""
+    (disjoint sets for --seeds); ``train_seed`` picks the trained network (0: the shipped one)."""
     from hago.examples import datasets
 
     n_calib = a.calib
-    path = os.path.join(MODELS, name + ".onnx")
+    path = mnist_model(name, train_seed, a.seed_dir)
     g = hago.load(path)
     inp = g.input_names[0]
     xtr, ytr = datasets.mnist("train")
@@ -145,7 +147,8 @@ def run_model(name: str, a, calib_set: int = 0) -> dict:
     xc, yc = xtr[lo:lo + n_calib], ytr[lo:lo + n_calib]
     calib = list(datasets.batches(xc, 128, inp, yc))
     test = list(datasets.batches(xte, 250, inp, yte))
-    out = {"model": name, "calib_samples": n_calib, "calib_set": calib_set, "bcw": a.bcw, "maxiter": a.maxiter,
+    out = {"model": name, "calib_samples": n_calib, "calib_set": calib_set, "train_seed": train_seed, "bcw": a.bcw,
+           "maxiter": a.maxiter,
            "maxfev": a.maxfev}
     fp = rt.session(g.to_onnx())
     from hago.pipeline import evaluate
@@ -268,14 +271,24 @@ def run_ocr(a) -> dict:
 
 
 def seeds_summary(rows: list, names) -> None:
-    """Each MNIST method's mean (std) over the calibration sets in ``rows``."""
+    """Each MNIST method's mean (std) over the runs in ``rows`` (calibration sets, and trained networks when
+    there are several training seeds: then also one row per trained network)."""
     n = max(sum(r["model"] == name for r in rows) for name in names)
-    print(f"\nMean over {n} disjoint calibration sets (std): top-1 % on the 1,000 test digits, held-out CE / "
-          f"calibration CE; wins = sets where LAPQ's top-1 / held-out CE is better than both baselines")
+    seeds = list(dict.fromkeys(r.get("train_seed", 0) for r in rows))
+    what = "disjoint calibration sets" if len(seeds) == 1 else \
+        f"runs ({len(seeds)} trained networks x their disjoint calibration sets)"
+    print(f"\nMean over {n} {what} (std): top-1 % on the 1,000 test digits, held-out CE / "
+          f"calibration CE; wins = runs where LAPQ's top-1 / held-out CE is better than both baselines")
     print("| model | min-max | MSE | Lp init | LAPQ | LAPQ wins (top-1 / CE) |")
     print("|---|---|---|---|---|---|")
-    for name in names:
-        rs = [r for r in rows if r["model"] == name]
+    groups = [(name, [r for r in rows if r["model"] == name]) for name in names]
+    if len(seeds) > 1:
+        groups += [(f"{name} (training seed {sd})", [r for r in rows if r["model"] == name and
+                                                     r.get("train_seed", 0) == sd])
+                   for name in names for sd in seeds]
+    for name, rs in groups:
+        if not rs:
+            continue
 
         def m(key, field, scale=1.0, fmt=".4f"):
             v = np.array([r[key][field] for r in rs]) * scale
@@ -286,6 +299,19 @@ def seeds_summary(rows: list, names) -> None:
         wa = sum(r["lapq"]["acc"] > max(r["minmax"]["acc"], r["mse"]["acc"]) for r in rs)
         wl = sum(r["lapq"]["test_loss"] < min(r["minmax"]["test_loss"], r["mse"]["test_loss"]) for r in rs)
         print(f"| {name} | " + " | ".join(cells) + f" | {wa} / {wl} of {len(rs)} |", flush=True)
+    if len(rows) > 1:
+        print("\nLAPQ minus each baseline in top-1 over all runs (points, mean +- standard error; runs above / equal / "
+              "below)")
+        for name in names:
+            rs = [r for r in rows if r["model"] == name]
+            if len(rs) < 2:
+                continue
+            parts = []
+            for b, lab in (("minmax", "min-max"), ("mse", "MSE"), ("lp_init", "Lp init")):
+                d = np.array([r["lapq"]["acc"] - r[b]["acc"] for r in rs]) * 100
+                parts.append(f"{lab} {d.mean():+.2f} +- {d.std(ddof=1) / np.sqrt(len(d)):.2f} "
+                             f"({int(np.sum(d > 1e-9))} / {int(np.sum(np.abs(d) <= 1e-9))} / {int(np.sum(d < -1e-9))})")
+            print(f"{name}: " + "; ".join(parts))
 
 
 def main():
@@ -310,6 +336,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=1,
                     help="MNIST: repeat on K disjoint calibration sets (training digits [k*calib, (k+1)*calib)) and "
                          "report each method's mean and spread: one 1,000-digit test set resolves about +-0.4 points")
+    add_network_args(ap)
     ap.add_argument("--from-json", default=None,
                     help="print the --seeds summary of a previous run's --json file and exit")
     ap.add_argument("--engine-timing", action="store_true", help="also time the parametric model vs rebuild")
@@ -351,10 +378,13 @@ def main():
               f"LAPQ: bias correction {a.bcw}, Powell maxiter {a.maxiter}, maxfev {a.maxfev}")
         print("| model | fp32 | min-max | MSE | Lp init (p) | LAPQ | LAPQ sim. (exact bcw) | LAPQ evals |")
         print("|---|---|---|---|---|---|---|---|")
-    for name, k in [(n, k) for n in mnist for k in range(a.seeds)]:
-        r = run_model(name, a, k)
+    train_seeds = network_seeds(a)
+    for name, sd, k in [(n, sd, k) for n in mnist for sd in train_seeds for k in range(a.seeds)]:
+        r = run_model(name, a, k, sd)
         rows.append(r)
         label = name if a.seeds == 1 else f"{name} (set {k})"
+        if len(train_seeds) > 1:
+            label = f"{name} (seed {sd}, set {k})"
 
         def c(d):
             t = f", {d['seconds']:.0f} s" if "seconds" in d else ""
@@ -365,12 +395,12 @@ def main():
                if "sim_acc" in L else "-")
         print(f"| {label} | {c(r['fp32'])} | {c(r['minmax'])} | {c(r['mse'])} | {c(r['lp_init'])} (p={r['lp_init']['p']:.2f}) "
               f"| {c(L)} | {sim} | {L['evals']} ({L['tensors']} tensors, {L['per_eval_s']:.2f} s/eval) |", flush=True)
-    if a.seeds > 1:
+    if a.seeds > 1 or len(train_seeds) > 1:
         seeds_summary(rows, mnist)
     for r in rows:
         beats = r["lapq"]["calib_loss"] < min(r["minmax"]["calib_loss"], r["mse"]["calib_loss"])
         acc_ok = r["lapq"]["acc"] >= max(r["minmax"]["acc"], r["mse"]["acc"])
-        print(f"{r['model']} (set {r['calib_set']}): LAPQ calibration loss {'below' if beats else 'NOT below'} both baselines "
+        print(f"{r['model']} (seed {r['train_seed']}, set {r['calib_set']}): LAPQ calibration loss {'below' if beats else 'NOT below'} both baselines "
               f"({r['lapq']['calib_loss']:.4f} vs min-max {r['minmax']['calib_loss']:.4f}, MSE {r['mse']['calib_loss']:.4f}); "
               f"held-out top-1 {r['lapq']['acc'] * 100:.1f} % vs {r['minmax']['acc'] * 100:.1f} / {r['mse']['acc'] * 100:.1f} % "
               f"({'>=' if acc_ok else 'NOT >='} both), "

@@ -1,6 +1,7 @@
 """Multipoint quantization (Liu et al., AAAI 2021) vs single-point per-channel quantization at low weight bit-widths.
 
     python bench/bench_multipoint.py [--models mnist_cnn,mnist_resnet,mnist_mobilenetv2,ppocr_rec] [--bits 2,3,4]
+                                     [--train-seeds 0,1,2,3,4]
 
 Activations 8-bit. For each model and weight bit-width: single-point per-channel
 (max-abs, and MSE-clipped), multipoint with 2 points on every channel, and three
@@ -41,8 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hago  # noqa: E402
 from hago.passes.multipoint import multipoint_split  # noqa: E402
 from hago.runtime import ort as rt  # noqa: E402
+from common import SEED_DIR, add_network_args, mnist_model, network_seeds  # noqa: E402
 
-MODELS = os.path.join(os.path.dirname(hago.__file__), "examples", "models")
 SPEC = "x86_avx512_vnni"
 
 
@@ -57,8 +58,9 @@ def snr_db(y, ref):
     return float("inf") if err == 0 else 10 * np.log10(float(np.sum(np.square(ref.astype(np.float64)))) / err)
 
 
-def task(name, ocr_lines):
-    """(model path, calibration batches, held-out inputs list, score(outputs) -> accuracy, metric name)."""
+def task(name, ocr_lines, train_seed=0, seed_dir=None):
+    """(model path, calibration batches, held-out inputs list, score(outputs) -> accuracy, metric name).
+    MNIST models: ``train_seed`` picks the trained network (0: the shipped one)."""
     if name == "ppocr_rec":
         from hago.examples import ocr
 
@@ -69,13 +71,14 @@ def task(name, ocr_lines):
             (lambda y: ocr.char_accuracy([p.strip(" ") for p in ocr.decode(y, chars)], texts)), "char acc"
     from hago.examples import datasets
 
-    g = hago.load(os.path.join(MODELS, name + ".onnx"))
+    path = mnist_model(name, train_seed, seed_dir or SEED_DIR)
+    g = hago.load(path)
     inp = g.input_names[0]
     xtr, _ = datasets.mnist("train")
     xte, yte = datasets.mnist("test")
     test = list(datasets.batches(xte, 250, inp, yte))
     labels = np.concatenate([b["label"] for b in test])
-    return os.path.join(MODELS, name + ".onnx"), list(datasets.batches(xtr[:256], 64, inp)), \
+    return path, list(datasets.batches(xtr[:256], 64, inp)), \
         [b[inp] for b in test], (lambda y: float(np.mean(np.argmax(y, axis=-1) == labels))), "top-1"
 
 
@@ -89,6 +92,35 @@ VARIANTS = [
 ]
 
 
+def networks_summary(name, bits_list, cols, runs) -> None:
+    """``runs``: training seed -> {(bits, column): (accuracy, snr)}. Mean over the trained networks per column, and
+    each adaptive column's difference to fixed 2 points, mean +- standard error over the networks."""
+    seeds = list(runs)
+    print(f"\n{name}, mean over {len(seeds)} trained networks (training seeds {', '.join(map(str, seeds))}): "
+          "accuracy / SNR dB; then each adaptive allocation minus fixed 2 points (mean +- standard error over the "
+          "networks, networks above / equal / below)")
+    print("| W bits | " + " | ".join(cols) + " |")
+    print("|" + "---|" * (len(cols) + 1))
+    for bits in bits_list:
+        cells = [f"{np.mean([runs[sd][bits, c][0] for sd in seeds]) * 100:.2f} / "
+                 f"{np.mean([runs[sd][bits, c][1] for sd in seeds]):.1f}" for c in cols]
+        print(f"| {bits} | " + " | ".join(cells) + " |")
+    base = "multipoint 2 pts"
+    if base not in cols:
+        return
+    for bits in bits_list:
+        parts = []
+        for c in cols:
+            if not c.startswith("adaptive"):
+                continue
+            d = np.array([runs[sd][bits, c][0] - runs[sd][bits, base][0] for sd in seeds]) * 100
+            ds = np.array([runs[sd][bits, c][1] - runs[sd][bits, base][1] for sd in seeds])
+            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+            parts.append(f"{c}: {d.mean():+.2f} +- {se:.2f} points ({int(np.sum(d > 0))} / {int(np.sum(d == 0))} / "
+                         f"{int(np.sum(d < 0))}), SNR {ds.mean():+.2f} dB ({int(np.sum(ds > 0))} above)")
+        print(f"W{bits}: " + "; ".join(parts))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="mnist_cnn,mnist_resnet,mnist_mobilenetv2,ppocr_rec")
@@ -98,7 +130,10 @@ def main():
                     help="activation calibration of every row (auto scores five methods: 60 s per OCR quantization; "
                          "on ppocr_rec auto picks percentile:99.99, which is 2x faster to pass directly)")
     ap.add_argument("--variants", default="", help="comma-separated subset of the columns (default: all)")
+    add_network_args(ap)
     a = ap.parse_args()
+    train_seeds = network_seeds(a)
+    bits_list = [int(b) for b in a.bits.split(",")]
     variants = [v for v in VARIANTS if not a.variants or v[0] in a.variants.split(",")]
     from common import machine
 
@@ -108,31 +143,37 @@ def main():
     print("|" + "---|" * (len(cols) + 6))
     for name in a.models.split(","):
         t_model = time.perf_counter()
-        path, calib, feeds, score, metric = task(name, a.ocr_lines)
-        ref = _outputs(path, feeds)
-        fp32 = score(ref)
-        g0 = hago.load(path)
-        for bits in (int(b) for b in a.bits.split(",")):
-            t0 = time.perf_counter()
-            cells, avgs = [], []
-            for label, kw in variants:
-                if kw is None:
-                    extra = {"weight_method": "mse"} if label == "single MSE" else {}
-                    qg = hago.quantize(g0, SPEC, calib, weight_bits=bits, method=a.method, **extra)
-                else:
-                    g = hago.load(path)
-                    st = {}
-                    multipoint_split(g, calib, bits=bits, stats=st, **kw)
-                    if "budget_avg" in kw:
-                        avgs.append(st.get("avg_points_mac", float("nan")))
-                    qg = hago.quantize(g, SPEC, calib, weight_bits=bits, method=a.method)
-                y = _outputs(qg.to_qdq(), feeds)
-                cells.append(f"{score(y) * 100:.2f} / {snr_db(y, ref):.1f}")
-            dt = time.perf_counter() - t0
-            print(f"| {name} | {metric} | {bits} | {fp32 * 100:.2f} | " + " | ".join(cells)
-                  + f" | {' / '.join(f'{x:.2f}' for x in avgs)} | {dt:.0f} |", flush=True)
+        runs = {}
+        for sd in ([0] if name == "ppocr_rec" else train_seeds):
+            path, calib, feeds, score, metric = task(name, a.ocr_lines, sd, a.seed_dir)
+            ref = _outputs(path, feeds)
+            fp32 = score(ref)
+            g0 = hago.load(path)
+            label0 = name if len(train_seeds) == 1 or name == "ppocr_rec" else f"{name} (seed {sd})"
+            runs[sd] = {}
+            for bits in bits_list:
+                t0 = time.perf_counter()
+                cells, avgs = [], []
+                for label, kw in variants:
+                    if kw is None:
+                        extra = {"weight_method": "mse"} if label == "single MSE" else {}
+                        qg = hago.quantize(g0, SPEC, calib, weight_bits=bits, method=a.method, **extra)
+                    else:
+                        g = hago.load(path)
+                        st = {}
+                        multipoint_split(g, calib, bits=bits, stats=st, **kw)
+                        if "budget_avg" in kw:
+                            avgs.append(st.get("avg_points_mac", float("nan")))
+                        qg = hago.quantize(g, SPEC, calib, weight_bits=bits, method=a.method)
+                    y = _outputs(qg.to_qdq(), feeds)
+                    runs[sd][bits, label] = (score(y), snr_db(y, ref))
+                    cells.append(f"{runs[sd][bits, label][0] * 100:.2f} / {runs[sd][bits, label][1]:.1f}")
+                dt = time.perf_counter() - t0
+                print(f"| {label0} | {metric} | {bits} | {fp32 * 100:.2f} | " + " | ".join(cells)
+                      + f" | {' / '.join(f'{x:.2f}' for x in avgs)} | {dt:.0f} |", flush=True)
+        if len(runs) > 1:
+            networks_summary(name, bits_list, cols, runs)
         print(f"<!-- {name}: {time.perf_counter() - t_model:.0f} s in all -->", flush=True)
-
 
 if __name__ == "__main__":
     main()

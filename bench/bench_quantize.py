@@ -1,6 +1,7 @@
 """INT8 accuracy and calibration time: hago vs onnxruntime.quantization.quantize_static, side by side.
 
     python bench/bench_quantize.py [--models mnist_cnn,ppocr_rec] [--calib 128] [--ocr-lines 300]
+    python bench/bench_quantize.py --models mnist_cnn --seeds 10 --train-seeds 0,1,2,3,4   # over trained networks
 
 For each model: FP32 accuracy; hago.quantize with the x86_avx2 spec (W7A8
 per-channel weights, u8 asymmetric activations) with each calibration method
@@ -32,11 +33,11 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hago  # noqa: E402
+from common import SEED_DIR, add_network_args, mnist_model, network_seeds  # noqa: E402
 from hago.runtime import ort as rt  # noqa: E402
-
-MODELS_DIR = os.path.join(os.path.dirname(hago.__file__), "examples", "models")
 
 
 class _Reader:
@@ -71,10 +72,10 @@ def ort_quantize(graph, calib, method: str, reduce_range: bool, out: str) -> flo
     return time.perf_counter() - t0
 
 
-def mnist_task(name):
+def mnist_task(name, train_seed=0, seed_dir=SEED_DIR):
     from hago.examples import datasets
 
-    path = os.path.join(MODELS_DIR, f"{name}.onnx")
+    path = mnist_model(name, train_seed, seed_dir)
     g = hago.load(path)
     inp = g.input_names[0]
     xtr, _ = datasets.mnist("train")
@@ -206,7 +207,42 @@ def run(task_name, task, n_calib, methods, ort_methods, reduce_range=(False, Tru
         seeds_table(task_name, rows, per_seed, n_calib)
     calibration_table(task_name, {k[1]: t for k, t in best.items() if k[0] == "hago"},
                       {(k[1], k[2]): t for k, t in best.items() if k[0] == "ort"}, reduce_range)
-    return rows
+    return rows, per_seed
+
+
+def networks_table(task_name, results: dict) -> None:
+    """Over several trained networks (``results``: training seed -> (rows, per_seed)): each quantizer's mean
+    accuracy per network and over all (network, calibration set) runs, and each hago method's paired difference
+    to each onnxruntime configuration, mean +- standard error over the runs."""
+    seeds = list(results)
+    rows0 = results[seeds[0]][0]
+    keys = [(name, w, key) for name, w, _, _, key in rows0 if key is not None]
+    print(f"\n### {task_name}: {len(seeds)} trained networks (training seeds {', '.join(map(str, seeds))}; "
+          f"seed 0 is the shipped model), every calibration set of each (deployed on onnxruntime)\n")
+    print("| quantizer | weights | mean accuracy per network | mean over all runs | mean agreement with fp32 |")
+    print("|---|---|---|---|---|")
+    fp = [results[sd][0][0][2][0] * 100 for sd in seeds]
+    print(f"| fp32 | | {' / '.join(f'{x:.2f}' for x in fp)} | {np.mean(fp):.2f} | |")
+    allruns = {}
+    for name, w, key in keys:
+        per = [np.array(results[sd][1][key]) * 100 for sd in seeds]
+        allruns[key] = np.concatenate([p[:, 0] for p in per])
+        print(f"| {name.split(' (')[0]} | {w} | {' / '.join(f'{p[:, 0].mean():.2f}' for p in per)} | "
+              f"{allruns[key].mean():.2f} | {np.concatenate([p[:, 1] for p in per]).mean():.2f} |")
+    print()
+    print("| hago method | onnxruntime | mean difference (points) +- standard error | runs hago above / equal / below |")
+    print("|---|---|---|---|")
+    for _, _, hk in keys:
+        if hk[0] != "hago":
+            continue
+        for _, w, ok in keys:
+            if ok[0] != "ort":
+                continue
+            d = allruns[hk] - allruns[ok]
+            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+            print(f"| {hk[1]} | {ok[1]} {w.split()[0]} | {d.mean():+.3f} +- {se:.3f} | "
+                  f"{int(np.sum(d > 1e-9))} / {int(np.sum(np.abs(d) <= 1e-9))} / {int(np.sum(d < -1e-9))} |")
+    print(flush=True)
 
 
 def seeds_table(task_name, rows, per_seed, n_calib) -> None:
@@ -262,6 +298,7 @@ def main():
                          "(default 5; 1 for ppocr_rec)")
     ap.add_argument("--seeds", type=int, default=1,
                     help="also run every quantizer on this many disjoint calibration sets and report the mean")
+    add_network_args(ap)
     ap.add_argument("--spec", default="x86_avx2", help="hago's spec (x86_avx2: 7-bit weights, the figures in "
                     "docs/BENCHMARKS.md; x86_avx512_vnni: 8-bit weights; host: the spec of this CPU)")
     a = ap.parse_args()
@@ -269,12 +306,18 @@ def main():
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; spec {a.spec}; "
           f"onnxruntime {__import__('onnxruntime').__version__}; hago {hago.__version__}")
+    train_seeds = network_seeds(a)
     for name in a.models.split(","):
-        task = ocr_task(a.ocr_lines) if name == "ppocr_rec" else mnist_task(name)
         rr = {"both": (False, True), "on": (True,), "off": (False,)}[a.reduce_range]
         repeat = a.repeat if a.repeat is not None else (1 if name == "ppocr_rec" else 5)
-        run(name, task, a.calib if name != "ppocr_rec" else min(a.calib, 64), a.methods.split(","), a.ort_methods.split(","), rr,
-            repeat=repeat, seeds=a.seeds, spec_name=a.spec)
+        results = {}
+        for sd in ([0] if name == "ppocr_rec" else train_seeds):
+            task = ocr_task(a.ocr_lines) if name == "ppocr_rec" else mnist_task(name, sd, a.seed_dir)
+            label = name if len(train_seeds) == 1 or name == "ppocr_rec" else f"{name} (training seed {sd})"
+            results[sd] = run(label, task, a.calib if name != "ppocr_rec" else min(a.calib, 64), a.methods.split(","),
+                              a.ort_methods.split(","), rr, repeat=repeat, seeds=a.seeds, spec_name=a.spec)
+        if len(results) > 1:
+            networks_table(name, results)
 
 
 if __name__ == "__main__":

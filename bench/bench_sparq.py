@@ -1,6 +1,7 @@
 """SPARQ on real activations: 4-bit windows of 8-bit activations vs plain 4-bit activations.
 
     python bench/bench_sparq.py [--models mnist_cnn,mnist_resnet,mnist_mobilenetv2] [--calib 256] [--seeds 1]
+                                [--train-seeds 0,1,2]
 
 Weights are 8-bit per-channel (x86_avx512_vnni spec). For every activation that
 enters a Conv/Gemm/MatMul and is non-negative (zero point 0, e.g. after ReLU):
@@ -11,6 +12,12 @@ trimming runs on onnxruntime) and the SNR in dB of its logits against fp32 on th
 ``10 log10(sum y^2 / sum (y_q - y)^2)`` (accuracy moves in steps of one digit; the SNR shows the activation
 error each representation leaves). Also the fraction of activation pairs that take
 vSPARQ's 8-bit path on the real calibration activations.
+
+``--train-seeds`` repeats everything on independently trained networks of each architecture (seed 0: the
+shipped model; others trained once by ``bench/models/train_mnist.py``, needs torch). With several runs the
+summary gives, for each of the paper's two orderings, the mean top-1 difference over the runs with its
+standard error: one test set of 1,000 digits moves top-1 in 0.1 steps, so single runs cannot rank variants
+that differ by a digit.
 
 The paper (Shomron et al., NeurIPS 2021, arXiv 2105.11010): its tables could not be read from this machine;
 its abstract says "SPARQ achieves minor accuracy degradation, 2x speedup over widely used hardware
@@ -27,13 +34,13 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hago  # noqa: E402
 from hago.algorithms.sparq import vsparq  # noqa: E402
 from hago.examples import datasets  # noqa: E402
 from hago.runtime import ort as rt  # noqa: E402
-
-MODELS = os.path.join(os.path.dirname(hago.__file__), "examples", "models")
+from common import add_network_args, mnist_model, network_seeds  # noqa: E402
 
 
 VARIANTS = ("W8A8", "A4", "b5", "b3", "b2", "v5")
@@ -86,45 +93,60 @@ def compare(g, inp, calib, test, ref):
     return res, snr, fr
 
 
+def summary(name: str, runs: list, fp32: list) -> None:
+    """Mean row over ``runs`` ((top-1, SNR, fractions) per run), then per ordering of ORDER: top-1 wins / ties
+    and SNR wins over the runs, and the mean top-1 difference with its standard error."""
+    n = len(runs)
+    means = {k: (np.mean([r[0][k] for r in runs]), np.mean([r[1][k] for r in runs])) for k in VARIANTS}
+    cells = " | ".join(f"**{means[k][0] * 100:.2f} / {means[k][1]:.1f}**" for k in VARIANTS)
+    frm = np.mean([np.mean(r[2]) for r in runs])
+    print(f"| {name} **mean of {n}** | {np.mean(fp32) * 100:.2f} | {cells} | {frm * 100:.1f}% |", flush=True)
+    parts = []
+    for x, y in ORDER:
+        d = np.array([r[0][x] - r[0][y] for r in runs]) * 100
+        se = d.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
+        parts.append(f"{x}>{y} {int(np.sum(d > 0))} / {int(np.sum(d == 0))}, SNR {sum(r[1][x] > r[1][y] for r in runs)}; "
+                     f"top-1 {x} - {y} {d.mean():+.3f} +- {se:.3f} points")
+    print(f"|  | over the {n} runs, top-1 wins / ties, SNR wins, mean top-1 difference +- standard error: "
+          + "; ".join(parts) + " | | | | | | | |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="mnist_cnn,mnist_resnet,mnist_mobilenetv2")
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--seeds", type=int, default=1,
                     help="run on this many disjoint calibration sets of --calib digits; print each and the mean")
+    add_network_args(ap)
     a = ap.parse_args()
+    train_seeds = network_seeds(a)
     xtr, _ = datasets.mnist("train")
     xte, yte = datasets.mnist("test")
     print("(cells: top-1 % / logit SNR dB vs fp32)")
     print("| model | fp32 | W8A8 | W8 plain A4 | bSPARQ opt5 | bSPARQ opt3 | bSPARQ opt2 | vSPARQ opt5 | 8-bit-path pairs |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in a.models.split(","):
-        g = hago.load(os.path.join(MODELS, name + ".onnx"))
-        inp = g.input_names[0]
-        test = list(datasets.batches(xte, 250, inp, yte))
-        ref = logits(g.to_onnx(), inp, test)
-        fp32 = float(np.mean(ref.argmax(1) == yte))
-        runs = []
-        for sd in range(a.seeds):
-            if (sd + 1) * a.calib > len(xtr):
-                raise SystemExit(f"--seeds {sd + 1} x --calib {a.calib} needs more than {len(xtr)} training digits")
-            calib = list(datasets.batches(xtr[sd * a.calib:(sd + 1) * a.calib], 64, inp))
-            runs.append(compare(g, inp, calib, test, ref))
-            res, snr, fr = runs[-1]
-            cells = " | ".join(f"{res[k] * 100:.2f} / {snr[k]:.1f}" for k in VARIANTS)
-            tag = name if a.seeds == 1 else f"{name} (calibration set {sd})"
-            print(f"| {tag} | {fp32 * 100:.2f} | {cells} | {np.mean(fr) * 100:.1f}% |", flush=True)
-        if a.seeds > 1:
-            means = {k: (np.mean([r[0][k] for r in runs]), np.mean([r[1][k] for r in runs])) for k in VARIANTS}
-            cells = " | ".join(f"**{means[k][0] * 100:.2f} / {means[k][1]:.1f}**" for k in VARIANTS)
-            frm = np.mean([np.mean(r[2]) for r in runs])
-            print(f"| {name} **mean of {a.seeds}** | {fp32 * 100:.2f} | {cells} | {frm * 100:.1f}% |", flush=True)
-            wins = {f"{x}>{y}": sum(r[0][x] > r[0][y] for r in runs) for x, y in ORDER}
-            ties = {f"{x}>{y}": sum(r[0][x] == r[0][y] for r in runs) for x, y in ORDER}
-            swins = {f"{x}>{y}": sum(r[1][x] > r[1][y] for r in runs) for x, y in ORDER}
-            print("|  | top-1 wins / ties, SNR wins over the sets: " + "; ".join(
-                f"{k} {wins[k]} / {ties[k]}, {swins[k]}" for k in wins) + " | | | | | | | |", flush=True)
-
+        runs, fp32s = [], []
+        for tsd in train_seeds:
+            g = hago.load(mnist_model(name, tsd, a.seed_dir))
+            inp = g.input_names[0]
+            test = list(datasets.batches(xte, 250, inp, yte))
+            ref = logits(g.to_onnx(), inp, test)
+            fp32 = float(np.mean(ref.argmax(1) == yte))
+            for sd in range(a.seeds):
+                if (sd + 1) * a.calib > len(xtr):
+                    raise SystemExit(f"--seeds {sd + 1} x --calib {a.calib} needs more than {len(xtr)} training digits")
+                calib = list(datasets.batches(xtr[sd * a.calib:(sd + 1) * a.calib], 64, inp))
+                runs.append(compare(g, inp, calib, test, ref))
+                fp32s.append(fp32)
+                res, snr, fr = runs[-1]
+                cells = " | ".join(f"{res[k] * 100:.2f} / {snr[k]:.1f}" for k in VARIANTS)
+                tag = name if a.seeds == 1 else f"{name} (calibration set {sd})"
+                if len(train_seeds) > 1:
+                    tag = f"{name} (training seed {tsd}, calibration set {sd})"
+                print(f"| {tag} | {fp32 * 100:.2f} | {cells} | {np.mean(fr) * 100:.1f}% |", flush=True)
+        if len(runs) > 1:
+            summary(name, runs, fp32s)
 
 if __name__ == "__main__":
     main()

@@ -3,12 +3,47 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+EXAMPLE_MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hago", "examples",
+                              "models")
+SEED_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hago", "mnist_seeds")
+
+
+def add_network_args(ap) -> None:
+    """The MNIST benches' ``--train-seeds`` / ``--seed-dir`` options (see :func:`mnist_model`)."""
+    ap.add_argument("--train-seeds", default="0",
+                    help="MNIST: comma-separated training seeds of each model; 0 is the shipped model, the others are "
+                         "trained once by bench/models/train_mnist.py (torch, the [train] extra) into --seed-dir; "
+                         "with several, a summary over the trained networks follows")
+    ap.add_argument("--seed-dir", default=SEED_DIR, help="where the models of other training seeds are kept")
+
+
+def network_seeds(a) -> list:
+    return [int(x) for x in a.train_seeds.split(",")]
+
+
+def mnist_model(name: str, train_seed: int = 0, seed_dir: str = SEED_DIR) -> str:
+    """The ONNX file of the MNIST example ``name`` (``mnist_cnn``, ``mnist_resnet``, ...) trained with
+    ``train_seed``. Seed 0 is the shipped model; another seed's model is ``seed_dir/s<seed>/<name>.onnx``,
+    trained the first time by ``bench/models/train_mnist.py --seed <seed>`` (same recipe; needs torch, the
+    ``[train]`` extra; under a minute per model on this machine)."""
+    if train_seed == 0:
+        return os.path.join(EXAMPLE_MODELS, name + ".onnx")
+    out = os.path.join(seed_dir, f"s{train_seed}")
+    path = os.path.join(out, name + ".onnx")
+    if not os.path.exists(path):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "train_mnist.py")
+        print(f"  training {name} with seed {train_seed} into {out}", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, script, "--out", out, "--models", name.removeprefix("mnist_"),
+                        "--seed", str(train_seed)], check=True, stdout=sys.stderr)
+    return path
 
 
 def machine() -> str:
