@@ -115,7 +115,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hago  # noqa: E402
 from hago.algorithms import brecq as B  # noqa: E402
 from hago.examples import datasets  # noqa: E402
-from common import SEED_DIR, add_network_args, mnist_model, network_seeds  # noqa: E402
+from common import SEED_DIR, add_network_args, mnist_model, network_seeds, paired  # noqa: E402
 
 
 
@@ -284,9 +284,7 @@ def networks_summary(a, per_net: dict) -> None:
                 continue
             d = col(m, "w_a") - col("rtn", "w_a")
             ds = col(m, "snr") - col("rtn", "snr")
-            se = d.std(ddof=1) / np.sqrt(len(d))
-            print(f"{m} - rtn: top-1 {d.mean():+.2f} +- {se:.2f} points (networks above / equal / below: "
-                  f"{int(np.sum(d > 1e-9))} / {int(np.sum(np.abs(d) <= 1e-9))} / {int(np.sum(d < -1e-9))}); "
+            print(f"{m} - rtn: top-1 {paired(d)} points (networks above / equal / below); "
                   f"SNR {ds.mean():+.1f} dB (higher on {int(np.sum(ds > 0))} of {len(ds)})", flush=True)
 
 

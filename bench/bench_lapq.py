@@ -60,7 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hago  # noqa: E402
 from hago.algorithms.lapq import ParamModel, apply_clipping, cross_entropy, lapq, lp_ranges  # noqa: E402
 from hago.runtime import ort as rt  # noqa: E402
-from common import add_network_args, mnist_model, network_seeds  # noqa: E402
+from common import add_network_args, mnist_model, network_seeds, paired  # noqa: E402
 
 SPEC = "x86_avx512_vnni"
 BCW = {"on": True, "round": "round", "exact": "exact", "off": False, "bias": "bias"}
@@ -309,8 +309,7 @@ def seeds_summary(rows: list, names) -> None:
             parts = []
             for b, lab in (("minmax", "min-max"), ("mse", "MSE"), ("lp_init", "Lp init")):
                 d = np.array([r["lapq"]["acc"] - r[b]["acc"] for r in rs]) * 100
-                parts.append(f"{lab} {d.mean():+.2f} +- {d.std(ddof=1) / np.sqrt(len(d)):.2f} "
-                             f"({int(np.sum(d > 1e-9))} / {int(np.sum(np.abs(d) <= 1e-9))} / {int(np.sum(d < -1e-9))})")
+                parts.append(f"{lab} {paired(d)}")
             print(f"{name}: " + "; ".join(parts))
 
 

@@ -61,7 +61,6 @@ from hago.algorithms.lapq import cross_entropy  # noqa: E402
 from hago.algorithms.mixed_precision import FLOAT, select_precision  # noqa: E402
 from hago.runtime import ort as rt  # noqa: E402
 
-MODELS = os.path.join(os.path.dirname(hago.__file__), "examples", "models")
 SPEC = "x86_avx512_vnni"
 # (label, method, refine): "paper" rows are the knapsack layout alone, the others add hago's measured refinement
 METHODS = (("second_order", "second_order", True), ("second_order paper", "second_order", False),
@@ -72,20 +71,14 @@ METHODS = (("second_order", "second_order", True), ("second_order paper", "secon
 LAYER_OPS = {"Conv", "Gemm", "MatMul"}
 
 
-def _consumers(g, edge: str) -> set:
-    """Op types that read ``edge``, looking through Relu/Clip (folded into the quantizer of their input)."""
-    uses: dict = {}
-    for n in g.to_onnx().graph.node:
-        for i in n.input:
-            uses.setdefault(i, []).append(n)
-
-    def walk(e):
-        out = set()
-        for n in uses.get(e, []):
-            out |= walk(n.output[0]) if n.op_type in ("Relu", "Clip") else {n.op_type}
-        return out
-
-    return walk(edge)
+def _consumers(value) -> set:
+    """Op types that read ``value`` (an IR value), looking through Relu/Clip (folded into the quantizer of their
+    input)."""
+    out = set()
+    for use in value.uses():
+        n = use.node
+        out |= _consumers(n.outputs[0]) if n.op_type in ("Relu", "Clip") else {n.op_type}
+    return out
 
 
 def unit_kinds(g, units) -> dict:
@@ -94,7 +87,7 @@ def unit_kinds(g, units) -> dict:
     carries too) or ``"other"`` (Add operands, pooling, Flatten)."""
     out = {}
     for u in units:
-        c = _consumers(g, u)
+        c = _consumers(g.value(u))
         out[u] = ("layer" if c and c <= LAYER_OPS else "shared" if c & LAYER_OPS else "other")
     return out
 

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hago  # noqa: E402
 from hago.passes.multipoint import multipoint_split  # noqa: E402
 from hago.runtime import ort as rt  # noqa: E402
-from common import SEED_DIR, add_network_args, mnist_model, network_seeds  # noqa: E402
+from common import SEED_DIR, add_network_args, mnist_model, network_seeds, paired  # noqa: E402
 
 SPEC = "x86_avx512_vnni"
 
@@ -115,9 +115,7 @@ def networks_summary(name, bits_list, cols, runs) -> None:
                 continue
             d = np.array([runs[sd][bits, c][0] - runs[sd][bits, base][0] for sd in seeds]) * 100
             ds = np.array([runs[sd][bits, c][1] - runs[sd][bits, base][1] for sd in seeds])
-            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-            parts.append(f"{c}: {d.mean():+.2f} +- {se:.2f} points ({int(np.sum(d > 0))} / {int(np.sum(d == 0))} / "
-                         f"{int(np.sum(d < 0))}), SNR {ds.mean():+.2f} dB ({int(np.sum(ds > 0))} above)")
+            parts.append(f"{c}: {paired(d)} points, SNR {ds.mean():+.2f} dB ({int(np.sum(ds > 0))} above)")
         print(f"W{bits}: " + "; ".join(parts))
 
 

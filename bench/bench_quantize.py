@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hago  # noqa: E402
-from common import SEED_DIR, add_network_args, mnist_model, network_seeds  # noqa: E402
+from common import SEED_DIR, add_network_args, mnist_model, network_seeds, paired  # noqa: E402
 from hago.runtime import ort as rt  # noqa: E402
 
 
@@ -230,8 +230,8 @@ def networks_table(task_name, results: dict) -> None:
         print(f"| {name.split(' (')[0]} | {w} | {' / '.join(f'{p[:, 0].mean():.2f}' for p in per)} | "
               f"{allruns[key].mean():.2f} | {np.concatenate([p[:, 1] for p in per]).mean():.2f} |")
     print()
-    print("| hago method | onnxruntime | mean difference (points) +- standard error | runs hago above / equal / below |")
-    print("|---|---|---|---|")
+    print("| hago method | onnxruntime | mean difference (points) +- standard error (runs hago above / equal / below) |")
+    print("|---|---|---|")
     for _, _, hk in keys:
         if hk[0] != "hago":
             continue
@@ -239,9 +239,7 @@ def networks_table(task_name, results: dict) -> None:
             if ok[0] != "ort":
                 continue
             d = allruns[hk] - allruns[ok]
-            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-            print(f"| {hk[1]} | {ok[1]} {w.split()[0]} | {d.mean():+.3f} +- {se:.3f} | "
-                  f"{int(np.sum(d > 1e-9))} / {int(np.sum(np.abs(d) <= 1e-9))} / {int(np.sum(d < -1e-9))} |")
+            print(f"| {hk[1]} | {ok[1]} {w.split()[0]} | {paired(d, 3)} |")
     print(flush=True)
 
 

@@ -40,7 +40,7 @@ import hago  # noqa: E402
 from hago.algorithms.sparq import vsparq  # noqa: E402
 from hago.examples import datasets  # noqa: E402
 from hago.runtime import ort as rt  # noqa: E402
-from common import add_network_args, mnist_model, network_seeds  # noqa: E402
+from common import add_network_args, mnist_model, network_seeds, paired  # noqa: E402
 
 
 VARIANTS = ("W8A8", "A4", "b5", "b3", "b2", "v5")
@@ -104,10 +104,8 @@ def summary(name: str, runs: list, fp32: list) -> None:
     parts = []
     for x, y in ORDER:
         d = np.array([r[0][x] - r[0][y] for r in runs]) * 100
-        se = d.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
-        parts.append(f"{x}>{y} {int(np.sum(d > 0))} / {int(np.sum(d == 0))}, SNR {sum(r[1][x] > r[1][y] for r in runs)}; "
-                     f"top-1 {x} - {y} {d.mean():+.3f} +- {se:.3f} points")
-    print(f"|  | over the {n} runs, top-1 wins / ties, SNR wins, mean top-1 difference +- standard error: "
+        parts.append(f"{x} - {y}: top-1 {paired(d, 3)} points, SNR higher on {sum(r[1][x] > r[1][y] for r in runs)}")
+    print(f"|  | over the {n} runs, mean top-1 difference +- standard error (runs above / equal / below): "
           + "; ".join(parts) + " | | | | | | | |", flush=True)
 
 

@@ -29,6 +29,14 @@ def network_seeds(a) -> list:
     return [int(x) for x in a.train_seeds.split(",")]
 
 
+def paired(d, digits: int = 2) -> str:
+    """Paired differences ``d`` (one per run): ``mean +- standard error (above / equal / below zero)``."""
+    d = np.asarray(d, np.float64)
+    se = d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else float("nan")
+    return (f"{d.mean():+.{digits}f} +- {se:.{digits}f} "
+            f"({int(np.sum(d > 1e-9))} / {int(np.sum(np.abs(d) <= 1e-9))} / {int(np.sum(d < -1e-9))})")
+
+
 def mnist_model(name: str, train_seed: int = 0, seed_dir: str = SEED_DIR) -> str:
     """The ONNX file of the MNIST example ``name`` (``mnist_cnn``, ``mnist_resnet``, ...) trained with
     ``train_seed``. Seed 0 is the shipped model; another seed's model is ``seed_dir/s<seed>/<name>.onnx``,

@@ -83,8 +83,6 @@ def sample_errors(refs: list[np.ndarray], outs: list[np.ndarray]) -> np.ndarray:
     n = n if n >= 1 else 1  # no common batch axis: the batch is one unit
     err = np.zeros(n)
     for r, o in zip(refs, outs):
-        if r.dtype.kind != "f":
-            r, o = r.astype(np.float64), o.astype(np.float64)
         d = (np.asarray(r, np.float64) - o).reshape(n, -1)
         sq = np.mean(d * d, axis=1) / (float(np.var(r)) + 1e-12)
         if is_distribution(r):
